@@ -1,0 +1,1 @@
+"""Scores: Dice at patch and whole-slide level, the KPIs challenge protocol, object-level F1, statistics."""
