@@ -90,7 +90,9 @@ def rasterise_features(features: list[dict], shape: tuple[int, int], scale: floa
         outer, *holes = feature["geometry"]["coordinates"]
         cv2.fillPoly(out, [_pixels(outer, scale)], cls)
         for hole in holes:
+            # a hole ring runs through the object's own pixels around the hole: clear inside, keep the ring
             cv2.fillPoly(out, [_pixels(hole, scale)], 0)
+            cv2.polylines(out, [_pixels(hole, scale)], True, cls, 1)
     return out
 
 

@@ -26,14 +26,14 @@ from zarr.codecs import BloscCodec
 
 CHUNK_PX = 512  # merge granularity at the inference level; a finished chunk is written at once
 STORE_CHUNK_PX = 1024  # level-0 chunk of the on-disk label store
-_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+STORE_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
 class LabelStore:
     """A level-0 uint8 label map on disk (zarr), written by a background thread.
 
-    Chunks arrive at the inference level (`factor` = its downsample) and are enlarged to level 0
-    by pixel repetition. Writes overlap with the next tiles' inference; `close()` waits for them
+    Chunks arrive at the inference level (`factor` = its downsample, `level_shape` its size) and
+    are enlarged to level 0 by pixel repetition. Writes overlap with the next tiles' inference; `close()` waits for them
     and re-raises any write error. Optionally keeps a foreground-probability map (0..255) at
     `probability_factor` times coarser than the inference level.
     """
@@ -42,12 +42,16 @@ class LabelStore:
         self,
         shape0: tuple[int, int],
         factor: int = 1,
+        level_shape: tuple[int, int] | None = None,
         work_dir: str | Path | None = None,
         probability_factor: int | None = None,
         queue_chunks: int = 64,
     ):
         self.shape0 = tuple(int(s) for s in shape0)
         self.factor = int(factor)
+        self.level_shape = (
+            tuple(level_shape) if level_shape else tuple(-(-s // self.factor) for s in self.shape0)
+        )
         self.dir = Path(tempfile.mkdtemp(prefix="holohisto_stitch_", dir=work_dir))
         chunk0 = max(STORE_CHUNK_PX, CHUNK_PX * self.factor)
         self.labels = zarr.create_array(
@@ -56,7 +60,7 @@ class LabelStore:
             chunks=(chunk0, chunk0),
             dtype="uint8",
             fill_value=0,
-            compressors=_COMPRESSOR,
+            compressors=STORE_COMPRESSOR,
         )
         self.probability = None
         self.probability_factor = probability_factor
@@ -69,7 +73,7 @@ class LabelStore:
                 chunks=(STORE_CHUNK_PX, STORE_CHUNK_PX),
                 dtype="uint8",
                 fill_value=0,
-                compressors=_COMPRESSOR,
+                compressors=STORE_COMPRESSOR,
             )
         self._queue: queue.Queue = queue.Queue(maxsize=queue_chunks)
         self._error: BaseException | None = None
@@ -111,6 +115,14 @@ class LabelStore:
         if h0 <= 0 or w0 <= 0:
             return
         big = labels if f == 1 else np.repeat(np.repeat(labels, f, axis=0), f, axis=1)
+        # A level's size is level 0's divided and rounded down, so level 0 may have a few rows or
+        # columns past the last level pixel: the chunk on that edge covers them too.
+        if y + labels.shape[0] >= self.level_shape[0]:
+            h0 = self.shape0[0] - y0
+        if x + labels.shape[1] >= self.level_shape[1]:
+            w0 = self.shape0[1] - x0
+        if h0 > big.shape[0] or w0 > big.shape[1]:
+            big = np.pad(big, ((0, max(0, h0 - big.shape[0])), (0, max(0, w0 - big.shape[1]))), mode="edge")
         self.labels[y0 : y0 + h0, x0 : x0 + w0] = big[:h0, :w0]
         if self.probability is not None and foreground is not None:
             k = self.probability_factor
