@@ -7,6 +7,8 @@ The package mirrors the flow of data: `wsi` (read, write), `data` (tissue, sampl
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.machinery
 import os
 import sys
 
@@ -15,11 +17,7 @@ __version__ = "0.1.0"
 
 @contextlib.contextmanager
 def _native_stderr_silenced():
-    """Mute C-level stderr for one import.
-
-    Why: `monai.data` imports nvImageCodec, whose native loader prints a dozen "Failed to load
-    nvjpeg" lines on every CPU-only machine; Python-level errors still raise normally.
-    """
+    """Mute C-level stderr (fd 2) for the duration; Python exceptions still propagate."""
     try:
         saved = os.dup(2)
     except OSError:  # no real fd 2 (embedded interpreters): nothing to silence
@@ -35,6 +33,36 @@ def _native_stderr_silenced():
         os.close(saved)
 
 
-if "monai.data" not in sys.modules:
-    with _native_stderr_silenced():
-        import monai.data  # noqa: F401
+class _QuietNativeImport(importlib.abc.MetaPathFinder):
+    """Import MONAI with C-level stderr muted, whenever it is first imported.
+
+    Why: its DICOM support loads nvJPEG/nvTIFF at import and, on every CPU-only machine, prints a dozen "Failed to
+    load" lines that are not errors. Done as an import hook so `import custom` stays cheap for
+    commands that never touch MONAI.
+    """
+
+    NAMES = frozenset({"monai"})
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.NAMES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+class _QuietLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        with _native_stderr_silenced():
+            self.loader.exec_module(module)
+
+
+if not any(isinstance(f, _QuietNativeImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _QuietNativeImport())
