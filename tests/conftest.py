@@ -16,7 +16,9 @@ SCHEMA = FIXTURES / "monai" / "meta_schema_20240725.json"
 
 if not SLIDES.is_dir():
     # Fail loudly: silently skipping every reader test would pass off an untested path as done.
-    raise pytest.UsageError(f"shared fixtures not found at {FIXTURES}; set HOLOHISTO_FIXTURES to their folder")
+    raise pytest.UsageError(
+        f"shared fixtures not found at {FIXTURES}; set HOLOHISTO_FIXTURES to their folder"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +29,18 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def slides_dir() -> Path:
     return SLIDES
+
+
+@pytest.fixture(scope="session")
+def kpis_folder(tmp_path_factory) -> Path:
+    """Three small synthetic slides in the KPIs task-2 layout (<class>/<id>_wsi.tiff + _mask.tiff).
+
+    Shared by the sampler, training and evaluation tests: 4096 x 3072 px keeps each one a few
+    seconds to write while holding several glomeruli at 0.25 um/px.
+    """
+    from custom.synth import write_synthetic_slides
+
+    root = tmp_path_factory.mktemp("kpis") / "Task2_WSI_level"
+    for cls, seed in (("56Nx", 21), ("56Nx", 22), ("DN", 23)):
+        list(write_synthetic_slides(root / cls, count=1, width=4096, height=3072, seed=seed, progress=False))
+    return root
