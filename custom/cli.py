@@ -1,16 +1,31 @@
 """`python -m custom VERB ...`: the command line over the same code and configs as the bundle.
 
-Every verb prints its help with `python -m custom VERB --help`. User errors (a missing slide, a
-checkpoint that does not match, an unwritable folder) end in one line and exit code 2.
+Verbs: demo, synth, train, segment, evaluate, export. `python -m custom VERB --help` explains each.
+User errors (a missing slide, a checkpoint that does not match, an unwritable folder) end in one
+line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import fire
 
 from custom.errors import HoloHistoError
+
+
+def demo(out: str = "runs/demo", max_epochs: int | None = None, seed: int = 0):
+    """The README's main job: synthetic slides -> train the tiny net -> segment held-out slides -> Dice.
+
+    Args:
+        out: output folder (slides, training run, model.pt, predictions).
+        max_epochs: override tiny.json's training length (for a quicker look).
+        seed: training seed.
+    """
+    from custom.demo import run_demo
+
+    run_demo(out, max_epochs=max_epochs, seed=seed)
 
 
 def synth(
@@ -50,10 +65,111 @@ def synth(
         print(result.summary())
 
 
+def train(
+    dataset_dir: str | None = None,
+    datalist: str | None = None,
+    out: str = "runs/train",
+    tiny: bool = False,
+    max_epochs: int | None = None,
+    resume: str | None = None,
+    seed: int = 0,
+    config: str | None = None,
+):
+    """Train with the bundle's configs/train.json (plus tiny.json with --tiny).
+
+    Args:
+        dataset_dir: a KPIs task-2 folder (<class>/<id>_wsi.tiff with <id>_mask.tiff).
+        datalist: or a JSON datalist of {"image", "label"[, "class"]}.
+        out: output folder: model.pt (best), final.pt (resumable), tensorboard logs.
+        tiny: add configs/tiny.json (CPU-sized net, 512-px patches at level 1).
+        max_epochs: override the number of epochs.
+        resume: a final.pt/checkpoint to continue from (step count, optimizer, schedule).
+        seed: sampling and initialisation seed.
+        config: an extra override config (e.g. configs/ablation_linear_tokens.json).
+    """
+    from custom.bundle import workflow
+
+    configs = ["train", *(["tiny"] if tiny else []), *([config] if config else [])]
+    overrides = {
+        "output_dir": str(Path(out)),
+        "seed": seed,
+        "dataset_dir": dataset_dir or "",
+        "datalist": datalist or "",
+    }
+    if max_epochs is not None:
+        overrides["max_epochs"] = max_epochs
+    if resume:
+        overrides["resume_from"] = resume
+    flow = workflow(configs, "train", **overrides)
+    flow.run()
+    best = flow.parser.get_parsed_content("validate#evaluator").state.best_metric
+    print(f"best validation Dice {best:.4f}; model: {Path(out) / 'model.pt'}")
+
+
+def segment(
+    input: str,
+    out: str,
+    checkpoint: str | None = None,
+    overwrite: bool = False,
+    level: int | None = None,
+    mpp: float | None = None,
+    tile: int | None = None,
+    overlap: int | None = None,
+    probability: bool = False,
+):
+    """Segment whole slides: OUT/<stem>_pred.tiff (pyramidal mask), <stem>.geojson, <stem>_overlay.png.
+
+    Args:
+        input: a slide file, a folder of slides, or a JSON datalist.
+        out: output folder.
+        checkpoint: model.pt from training (default: the bundle's models/model.pt). The network and
+            the patch size/level it was trained with are read from it.
+        overwrite: redo slides whose outputs exist (they are skipped otherwise).
+        level: read tiles at this pyramid level (default: the training level).
+        mpp: or at this resolution in micrometres per pixel.
+        tile: tile side in pixels at that level (default: the training patch size).
+        overlap: tile overlap in pixels (default 0).
+        probability: also write <stem>_prob.tiff, a coarse foreground-probability map.
+    """
+    from custom.bundle import bundle_root, workflow
+    from custom.checkpoints import read_checkpoint
+    from custom.segment import raise_on_failures
+
+    ckpt = checkpoint or str(bundle_root() / "models" / "model.pt")
+    trained = read_checkpoint(ckpt).get("input_config", {})
+    overrides = {"input": input, "output_dir": out, "ckpt_path": ckpt, "overwrite": overwrite}
+    for key, value in trained.items():
+        overrides[key] = value
+    if level is not None or mpp is not None:
+        overrides.update({"patch_level": level, "patch_mpp": mpp})
+    if tile is not None:
+        overrides["patch_size"] = [tile, tile]
+    if overlap is not None:
+        overrides["overlap"] = overlap
+    if probability:
+        overrides["probability_factor"] = 8
+    flow = workflow(["inference"], "infer", **overrides)
+    raise_on_failures(flow.parser.get_parsed_content("segment"))
+
+
 def main(argv: list[str] | None = None) -> None:
-    verbs = {"synth": synth}
+    verbs = {"demo": demo, "synth": synth, "train": train, "segment": segment}
     try:
         fire.Fire(verbs, command=argv, name="python -m custom")
-    except HoloHistoError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _user_error(err: BaseException) -> HoloHistoError | None:
+    """The HoloHistoError behind an exception, also when MONAI's config machinery wrapped it."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, HoloHistoError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

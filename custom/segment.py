@@ -19,7 +19,7 @@ from monai.inferers import PatchInferer
 
 from custom.data.datalists import SLIDE_EXTENSIONS, _stem, load_datalist
 from custom.data.tiling import TilePlan, TissueTileSplitter
-from custom.errors import ConfigError
+from custom.errors import ConfigError, HoloHistoError
 from custom.wsi.geojson import mask_to_features, write_geojson
 from custom.wsi.label_pyramid import build_levels, coarsest_level_within, write_label_tiff
 from custom.wsi.overlay import write_overlay
@@ -331,3 +331,16 @@ def _rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def raise_on_failures(outcomes: list[SlideOutcome]) -> list[SlideOutcome]:
+    """End a bundle run with an error (non-zero exit) when any slide failed; the table is already printed."""
+    failed = [o for o in outcomes if o.failed]
+    if failed:
+        names = ", ".join(Path(o.slide).name for o in failed[:5])
+        raise SlideBatchError(f"{len(failed)} of {len(outcomes)} slide(s) failed: {names}")
+    return outcomes
+
+
+class SlideBatchError(HoloHistoError):
+    """Some slides of a batch failed (each is named in the summary table)."""

@@ -197,7 +197,7 @@ class SegmentationHead(nn.Module):
                 crops = {s: t[..., y0 // s : y1 // s, x0 // s : x1 // s] for s, t in inputs.items()}
                 tile = self.decode(crops)
                 if logits is None:
-                    logits = tile.new_empty(*tile.shape[:2], height, width)
+                    logits = tile.new_empty((*tile.shape[:2], height, width))
                 logits[..., top:bottom, left:right] = tile[
                     ..., top - y0 : bottom - y0, left - x0 : right - x0
                 ]
@@ -386,6 +386,8 @@ class HoloHistoNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B x 3 x H x W in [0, 1], any H x W -> logits B x num_classes x H x W."""
+        # MONAI hands MetaTensors in; metadata tracking through every layer only costs time here.
+        x = x.as_subclass(torch.Tensor)
         height, width = x.shape[-2:]
         # Pad on the [0, 1] scale with white (1.0), which maps to PAD_VALUE_WHITE on the net's scale.
         padded = pad_to_multiple(x, self.size_multiple, (PAD_VALUE_WHITE + 1) / 2)

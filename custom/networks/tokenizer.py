@@ -307,7 +307,7 @@ class VectorQuantizer(nn.Module):
         """
         vectors = vectors.detach().reshape(-1, vectors.shape[-1]).float()
         count = len(vectors)
-        centres = vectors.new_empty(self.num_codes, vectors.shape[1])
+        centres = vectors.new_empty((self.num_codes, vectors.shape[1]))
         centres[0] = vectors[torch.randint(count, (1,), device=vectors.device)]
         nearest_sq = (vectors - centres[0]).pow(2).sum(1)
         for i in range(1, self.num_codes):
@@ -447,7 +447,9 @@ class VQTokenizer(nn.Module):
             )
             maps = encode(windows)
             if not outputs:
-                outputs = [m.new_empty(batch, m.shape[1], rows * m.shape[2], cols * m.shape[3]) for m in maps]
+                outputs = [
+                    m.new_empty((batch, m.shape[1], rows * m.shape[2], cols * m.shape[3])) for m in maps
+                ]
             for out, chunk_maps in zip(outputs, maps, strict=True):
                 size, first = chunk_maps.shape[-1], 0
                 for b, r, q0, q1 in runs:

@@ -1,0 +1,81 @@
+"""Checkpoints that rebuild their own network: weights plus the exact network configuration.
+
+Format: a dict with "network" (state dict) and "network_config" (the constructor record from
+`custom.networks.network_config`); MONAI's CheckpointSaver writes the same keys (plus optimizer,
+scheduler and trainer state when training saves them). Every load is `weights_only=True`: a
+checkpoint is data, never code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from custom.errors import ConfigError
+
+NETWORK_KEY = "network"
+CONFIG_KEY = "network_config"
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated files, non-checkpoint files
+        raise ConfigError(
+            f"{path}: not a readable weights-only checkpoint ({type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"{path}: expected a dict checkpoint, found {type(ckpt).__name__}")
+    return ckpt
+
+
+def config_from_checkpoint(path: str | Path | None, fallback: dict | None = None) -> dict:
+    """The network configuration recorded in a checkpoint, else `fallback` (no path, or none recorded)."""
+    if path and Path(path).is_file():
+        config = read_checkpoint(path).get(CONFIG_KEY)
+        if isinstance(config, dict):
+            return config
+    if fallback is None:
+        raise ConfigError(
+            f"{path}: the checkpoint records no network configuration and no fallback was given"
+        )
+    return dict(fallback)
+
+
+def load_weights(network: nn.Module, path: str | Path) -> nn.Module:
+    """Load a checkpoint's network weights strictly; a mismatch names the keys that differ."""
+    ckpt = read_checkpoint(path)
+    state = ckpt.get(NETWORK_KEY, ckpt)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{path}: has no '{NETWORK_KEY}' state dict (keys: {sorted(ckpt)[:8]})")
+    target = getattr(network, "module", network)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = target.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        parts = []
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if keys:
+                parts.append(f"{len(keys)} {name} (e.g. {', '.join(keys[:3])})")
+        raise ConfigError(f"{path}: checkpoint does not match the network: {'; '.join(parts)}")
+    target.load_state_dict(state, strict=True)
+    return network
+
+
+def save_checkpoint(path: str | Path, network: nn.Module, config: dict, **extra) -> Path:
+    """Write {"network", "network_config", **extra} atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    target = getattr(network, "module", network)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({NETWORK_KEY: target.state_dict(), CONFIG_KEY: dict(config), **extra}, tmp)
+    os.replace(tmp, path)
+    return path

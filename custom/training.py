@@ -1,0 +1,102 @@
+"""The small pieces train.json composes with MONAI's SupervisedTrainer: loss, guards and records."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+
+from custom.errors import HoloHistoError
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(HoloHistoError):
+    """The loss became NaN or infinite: training stops before the bad gradient reaches the weights."""
+
+
+class SegmentationLoss(nn.Module):
+    """DiceCE on logits plus the network's auxiliary loss (the quantizer's codebook/commitment terms).
+
+    The loss is checked before it is returned, so a non-finite loss stops training inside the
+    iteration, before backward() and the optimizer step: the weights saved on the way out are the
+    last good ones, never NaN.
+    """
+
+    def __init__(self, network: nn.Module | None = None, aux_weight: float = 1.0, **dice_ce_kwargs):
+        super().__init__()
+        kwargs = {"to_onehot_y": True, "softmax": True, **dice_ce_kwargs}
+        self.dice_ce = DiceCELoss(**kwargs)
+        # kept out of the module tree so the loss never owns (or double-saves) the network's weights
+        self.__dict__["network"] = network
+        self.aux_weight = aux_weight
+        self.steps = 0
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.steps += 1
+        loss = self.dice_ce(logits.float(), target)
+        network = self.__dict__["network"]
+        aux = getattr(_unwrap(network), "aux_loss", None) if network is not None else None
+        if aux is not None and self.aux_weight:
+            loss = loss + self.aux_weight * aux()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the training loss became {loss.item()} at step {self.steps}; stopped before updating the "
+                "weights. Lower the learning rate, check the data for empty or corrupt patches, or turn AMP off."
+            )
+        return loss
+
+
+class ConfigRecord:
+    """A plain dict saved inside every checkpoint (ignite's Checkpoint protocol).
+
+    train.json records the network's constructor arguments ("network_config") and the patch size
+    and level it trained on ("input_config"), so `segment --checkpoint` and the bundle rebuild the
+    right network and read slides the same way without extra flags.
+    """
+
+    def __init__(self, config: dict):
+        self.config = dict(config)
+
+    def state_dict(self) -> dict:
+        return dict(self.config)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.config = dict(state)
+
+
+def total_steps(max_epochs: int, epoch_length: int) -> int:
+    return max(1, int(max_epochs) * max(1, int(epoch_length)))
+
+
+def warmup_steps(max_epochs: int, epoch_length: int, fraction: float = 0.05) -> int:
+    """A warmup of `fraction` of the run, at least one step."""
+    return max(1, math.ceil(total_steps(max_epochs, epoch_length) * fraction))
+
+
+def _unwrap(network):
+    return getattr(network, "module", network)  # DistributedDataParallel wraps the model
+
+
+class ProgressBar:
+    """ignite's tqdm ProgressBar showing the loss, attachable as a MONAI trainer handler.
+
+    MONAI calls `handler.attach(engine)` with no arguments, so the loss extraction is set here.
+    """
+
+    def __init__(self, persist: bool = False):
+        from ignite.handlers import ProgressBar as IgniteProgressBar
+
+        self.bar = IgniteProgressBar(persist=persist)
+
+    def attach(self, engine) -> None:
+        self.bar.attach(engine, output_transform=_loss_of)
+
+
+def _loss_of(output) -> dict:
+    first = output[0] if isinstance(output, list) else output
+    loss = first["loss"] if isinstance(first, dict) else first
+    return {"loss": float(loss)}
