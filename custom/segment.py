@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,9 +211,8 @@ def segment_batch(
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write_test_"):
+            pass  # a unique name: several ranks probe the same folder at once
     except OSError as err:
         raise ConfigError(f"{out_dir}: output folder cannot be written ({err.strerror or err})") from err
     slides = list_slides(inputs)
