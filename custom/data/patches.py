@@ -105,6 +105,7 @@ class RandomTissuePatchDataset(IterableDataset):
         patch_size: (h, w) at the read level; 4096 x 4096 by default.
         patch_level / patch_mpp: the level to read, or the mpp to pick it by (one of them).
         samples_per_epoch: patches per epoch over all ranks; `len()` is this rank's share.
+        backend: "auto" (per file, see custom.wsi.reader) or a slide backend forced for every slide.
         foreground_ratio: fraction of patches centred on a labelled pixel instead of on tissue.
         seed: the same seed gives the same patches; streams differ per rank and per worker.
         tissue: a `TissueCache` (or its settings as a dict).
@@ -122,6 +123,7 @@ class RandomTissuePatchDataset(IterableDataset):
         transform=None,
         tissue: TissueCache | dict | None = None,
         binarize: bool = True,
+        backend: str = "auto",
     ):
         if not data:
             raise ConfigError("the random patch sampler got an empty datalist")
@@ -134,7 +136,10 @@ class RandomTissuePatchDataset(IterableDataset):
         self.foreground_ratio = float(foreground_ratio)
         self.seed = int(seed)
         self.tissue = tissue if isinstance(tissue, TissueCache) else TissueCache(**(tissue or {}))
-        self.reader = LabelledPatchWSIDataset([], transform=transform, binarize=binarize)
+        self.backend = backend
+        self.reader = LabelledPatchWSIDataset(
+            [], transform=transform, binarize=binarize, reader=HoloWSIReader(slide_backend=backend)
+        )
         self._rng: np.random.Generator | None = None
         self._slides: dict[str, tuple] = {}
         self._lock = threading.Lock()
@@ -185,7 +190,7 @@ class RandomTissuePatchDataset(IterableDataset):
         key = item["image"]
         with self._lock:
             if key not in self._slides:
-                slide = open_slide(key)
+                slide = open_slide(key, self.backend)
                 level = resolve_level(slide, self.patch_level, self.patch_mpp)
                 tissue = self.tissue.get(slide)
                 if tissue.empty:
