@@ -152,8 +152,62 @@ def segment(
     raise_on_failures(flow.parser.get_parsed_content("segment"))
 
 
+def evaluate(
+    pred_dir: str,
+    gt_dir: str,
+    out: str,
+    patch_sizes: str = "4096",
+    num_classes: int = 2,
+):
+    """Score predicted masks against whole-slide ground truth; write metrics.json, CSV, Markdown and a plot.
+
+    Pairs PRED_DIR/<id>_wsi_pred.tiff with <id>_mask.tiff found anywhere under GT_DIR (KPIs class
+    folders give the class). Per slide: patch Dice on a grid of tissue patches, streaming
+    whole-slide Dice, the official KPIs task-2 protocol, object precision/recall/F1 and count error.
+
+    Args:
+        pred_dir: folder of <stem>_pred.tiff masks (from `segment`).
+        gt_dir: folder (searched recursively) of <id>_mask.tiff ground truth.
+        out: report folder.
+        patch_sizes: patch-level Dice sizes in level-0 pixels, e.g. "1024,2048,4096".
+        num_classes: label values 0..num_classes-1 (more than 2 adds per-class Dice).
+    """
+    from custom.evaluate import evaluate_folders
+
+    report = evaluate_folders(pred_dir, gt_dir, out, patch_sizes=patch_sizes, num_classes=num_classes)
+    print(f"report: {Path(out) / 'metrics.json'}")
+    if report["errors"]:
+        sys.exit(1)
+
+
+def compare(metrics_a: str, metrics_b: str, key: str = "wsi_dice"):
+    """Wilcoxon signed-rank test of one per-slide figure between two evaluation reports.
+
+    Args:
+        metrics_a: metrics.json of method A (or its report folder).
+        metrics_b: metrics.json of method B (or its report folder).
+        key: the per-slide figure: wsi_dice, patch_dice, kpis_dice, kpis_f1, instance_f1, ...
+    """
+    from custom.evaluate import compare as compare_reports
+
+    result = compare_reports(metrics_a, metrics_b, key)
+    p = result["p_value"]
+    print(
+        f"{key}: {result['n_pairs']} paired slides, mean A {result['mean_a']:.4f}, mean B {result['mean_b']:.4f}, "
+        f"A better on {result['a_better']}, B better on {result['b_better']}, ties {result['ties']}; "
+        f"Wilcoxon p = {'n/a' if p is None else f'{p:.4g}'}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
-    verbs = {"demo": demo, "synth": synth, "train": train, "segment": segment}
+    verbs = {
+        "demo": demo,
+        "synth": synth,
+        "train": train,
+        "segment": segment,
+        "evaluate": evaluate,
+        "compare": compare,
+    }
     try:
         fire.Fire(verbs, command=argv, name="python -m custom")
     except Exception as err:
