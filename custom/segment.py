@@ -21,6 +21,7 @@ from monai.inferers import PatchInferer
 from custom.data.datalists import SLIDE_EXTENSIONS, _stem, load_datalist
 from custom.data.tiling import TilePlan, TissueTileSplitter
 from custom.errors import ConfigError, HoloHistoError
+from custom.wsi.cleanup import clean_probabilities
 from custom.wsi.geojson import mask_to_features, write_geojson
 from custom.wsi.label_pyramid import build_levels, coarsest_level_within, write_label_tiff
 from custom.wsi.overlay import write_overlay
@@ -29,6 +30,8 @@ from custom.wsi.stitch import LabelStore, RegionMerger
 
 logger = logging.getLogger(__name__)
 
+MIN_OBJECT_UM2 = 500.0  # ~25 um across: far below the smallest glomerulus, far above a speck
+MAX_HOLE_UM2 = 500.0
 CONTOUR_MAX_SIDE_PX = 16384  # GeoJSON is traced on the finest mask level no larger than this
 OVERLAY_MAX_SIDE_PX = 2048
 DEFAULT_CLASS_NAMES = {1: "Glomerulus"}
@@ -71,6 +74,11 @@ class WholeSlideInferer(PatchInferer):
         blend: "constant" or "gaussian" weighting of overlapping tiles.
         probability_factor: also keep a foreground-probability map this many times coarser
             than the inference level (None: don't).
+        min_object_um2, max_hole_um2: inside each tile, objects smaller than this become
+            background and holes smaller than this foreground (0 turns either off; needs the
+            slide's mpp). A glomerulus is at least ~2,800 um^2 (60 um across).
+        smooth: 3 x 3 majority smoothing of the stitched two-class labels (outlines without
+            one-pixel spurs).
         amp: run the network under bfloat16 autocast (GPU).
         work_dir: where temporary stores live (removed after each slide).
     """
@@ -82,6 +90,9 @@ class WholeSlideInferer(PatchInferer):
         blend: str = "constant",
         sigma_scale: float = 0.125,
         probability_factor: int | None = None,
+        min_object_um2: float = MIN_OBJECT_UM2,
+        max_hole_um2: float = MAX_HOLE_UM2,
+        smooth: bool = True,
         amp: bool = False,
         work_dir: str | None = None,
         buffer_size: int = 2,
@@ -97,6 +108,8 @@ class WholeSlideInferer(PatchInferer):
         )
         self.blend, self.sigma_scale = blend, sigma_scale
         self.probability_factor = probability_factor
+        self.min_object_um2, self.max_hole_um2 = min_object_um2, max_hole_um2
+        self.smooth = smooth
         self.amp = amp
         self.work_dir = work_dir
         self.device = device
@@ -117,6 +130,11 @@ class WholeSlideInferer(PatchInferer):
             "blend": self.blend,
             "sigma_scale": self.sigma_scale,
         }
+        min_px, hole_px = self._cleanup_px(plan)
+        self.merger_kwargs.update(min_object_px=min_px, max_hole_px=hole_px, smooth=self.smooth)
+        self.postprocessing = (
+            (lambda x: clean_probabilities(softmax(x), min_px, hole_px)) if min_px or hole_px else softmax
+        )
         try:
             stats = {"tiles": 0}
             if plan.locations:
@@ -129,6 +147,16 @@ class WholeSlideInferer(PatchInferer):
             store.remove()
             raise
         return StitchResult(plan, store, stats)
+
+    def _cleanup_px(self, plan: TilePlan) -> tuple[int, int]:
+        """Speck and pinhole thresholds in pixels at the inference level (0, 0 without an mpp)."""
+        mpp = plan.slide.mpp
+        if mpp is None:
+            if self.min_object_um2 > 0 or self.max_hole_um2 > 0:
+                logger.warning("%s: no mpp, so small objects and holes are not cleaned up", plan.slide.path)
+            return 0, 0
+        px_um2 = mpp[0] * mpp[1] * plan.downsample**2
+        return round(max(0.0, self.min_object_um2) / px_um2), round(max(0.0, self.max_hole_um2) / px_um2)
 
     def _runner(self, network):
         device = torch.device(self.device) if self.device is not None else next(network.parameters()).device

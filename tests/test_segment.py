@@ -48,6 +48,11 @@ def expected_labels(slide, level, locations, tile):
     ]
 
 
+def exact(splitter, **kwargs):
+    """An inferer that stitches exactly what the network says (no speck, pinhole or spur cleanup)."""
+    return WholeSlideInferer(splitter, min_object_um2=0, max_hole_um2=0, smooth=False, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def cmu_pyramid(slides_dir):
     return str(slides_dir / "derived" / "CMU-1-Small-Region.generic.tif")
@@ -59,7 +64,7 @@ def cmu_pyramid(slides_dir):
 )
 def test_stitching_is_exact_at_every_level_with_and_without_overlap(cmu_pyramid, level, tile, overlap, blend):
     splitter = TissueTileSplitter(patch_size=tile, overlap=overlap, level=level, progress=False)
-    result = WholeSlideInferer(splitter, batch_size=3, blend=blend)(cmu_pyramid, RedThreshold())
+    result = exact(splitter, batch_size=3, blend=blend)(cmu_pyramid, RedThreshold())
     try:
         plan = result.plan
         assert 0 < plan.tissue_tiles < plan.grid_tiles  # glass tiles were never read
@@ -73,9 +78,7 @@ def test_stitching_is_exact_at_every_level_with_and_without_overlap(cmu_pyramid,
 
 def test_segment_writes_a_pyramidal_mask_geojson_and_overlay_that_other_tools_open(cmu_pyramid, tmp_path):
     splitter = TissueTileSplitter(patch_size=512, level=0, progress=False)
-    outcomes = segment_batch(
-        cmu_pyramid, tmp_path, RedThreshold(), WholeSlideInferer(splitter), progress=False
-    )
+    outcomes = segment_batch(cmu_pyramid, tmp_path, RedThreshold(), exact(splitter), progress=False)
     assert [o.status for o in outcomes] == ["done"]
     paths = output_paths(tmp_path, cmu_pyramid)
     assert paths["pred"].name == "CMU-1-Small-Region.generic_pred.tiff"
@@ -157,3 +160,37 @@ def test_folder_input_lists_slides_but_not_masks_or_predictions(tmp_path):
     for name in ("a_wsi.tiff", "a_mask.tiff", "a_wsi_pred.tiff", "b.svs", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     assert [p.rsplit("/", 1)[-1] for p in list_slides(tmp_path)] == ["a_wsi.tiff", "b.svs"]
+
+
+def test_cleanup_drops_specks_and_fills_pinholes_also_on_tile_seams(tmp_path):
+    """A dark disc with pinholes (one on a tile seam) and a dark speck: after segmentation the
+    disc is whole and the speck gone; at 0.5 um/px the 500 um^2 thresholds are 2000 px."""
+    yy, xx = np.mgrid[:1024, :1536]
+    dark = (yy - 512) ** 2 + (xx - 512) ** 2 < 300**2
+    dark[400:403, 400:403] = False  # pinhole inside a tile
+    dark[510:514, 510:514] = False  # pinhole on the seam of 512-px tiles
+    dark[200:204, 1200:1204] = True  # a speck on glass... of tissue: 16 px
+    tissue_band = (yy > 100) & (yy < 900) & (xx > 1000) & (xx < 1400)
+    rgb = np.full((1024, 1536, 3), 245, np.uint8)  # glass
+    rgb[tissue_band] = (215, 150, 200)  # pale stained tissue: saturated, red above the threshold
+    rgb[dark] = (90, 40, 120)  # dark stain: red below 0.8 * 255, so "foreground"
+    slide = tmp_path / "spots_wsi.tiff"
+    shapes = [(1024, 1536), (512, 768)]
+    levels = [rgb, rgb[::2, ::2]]
+    write_pyramid(
+        slide,
+        shapes,
+        lambda lv, y, x, h, w: levels[lv][y : y + h, x : x + w],
+        channels=3,
+        mpp=0.5,
+        compression="lzw",
+    )
+    splitter = TissueTileSplitter(patch_size=512, level=0, progress=False)
+    result = WholeSlideInferer(splitter)(str(slide), RedThreshold())
+    try:
+        labels = result.store.labels[:]
+    finally:
+        result.store.remove()
+    assert labels[401, 401] == 1 and labels[511, 511] == 1  # both pinholes filled
+    assert labels[201, 1201] == 0  # the speck is gone
+    assert labels[512, 512] == 1 and labels[512, 900] == 0  # the disc itself is untouched

@@ -24,6 +24,8 @@ from monai.data.utils import compute_importance_map
 from monai.inferers import Merger
 from zarr.codecs import BloscCodec
 
+from custom.wsi.cleanup import clean_labels
+
 CHUNK_PX = 512  # merge granularity at the inference level; a finished chunk is written at once
 STORE_CHUNK_PX = 1024  # level-0 chunk of the on-disk label store
 STORE_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
@@ -138,6 +140,11 @@ class LabelStore:
 class RegionMerger(Merger):
     """Blend tile outputs and finalise each chunk once all tiles covering it have been aggregated.
 
+    Chunk boundaries sit half a chunk off the tile grid, so the seams where tiles meet lie inside
+    chunks; each finished chunk then loses its specks and pinholes (components wholly inside the
+    chunk, so the decision is exact), which catches the one-pixel artefacts networks leave at tile
+    edges.
+
     Args:
         merged_shape, cropped_shape, device: as MONAI's `Merger` (PatchInferer fills them in).
         tile_locations: every tile's top-left (y, x) the splitter will yield, so the merger knows
@@ -145,7 +152,10 @@ class RegionMerger(Merger):
         tile_size: (h, w) of every tile, at the inference level.
         sink: a `LabelStore` (or anything with `write(y, x, labels, foreground)`).
         blend: "constant" or "gaussian" weights inside each tile.
-        chunk_px: merge granularity (a multiple of the sink's probability step when that is kept).
+        chunk_px: merge granularity; chunk origins are multiples of chunk_px // 2, which must be a
+            multiple of the sink's probability step when that is kept.
+        min_object_px, max_hole_px: cleanup thresholds in pixels at the inference level (0: off).
+        smooth: 3 x 3 majority smoothing of two-class chunks (see `custom.wsi.cleanup.clean_labels`).
     """
 
     def __init__(
@@ -160,6 +170,9 @@ class RegionMerger(Merger):
         blend: str = "constant",
         sigma_scale: float = 0.125,
         chunk_px: int = CHUNK_PX,
+        min_object_px: int = 0,
+        max_hole_px: int = 0,
+        smooth: bool = False,
     ):
         super().__init__(merged_shape, cropped_shape, device)
         if sink is None:
@@ -168,11 +181,13 @@ class RegionMerger(Merger):
             raise ValueError(f"tile_size must be (h, w), got {tile_size}")
         self.height, self.width = (int(s) for s in self.cropped_shape[-2:])
         self.tile_size = (int(tile_size[0]), int(tile_size[1]))
-        self.chunk = int(chunk_px)
+        self.min_object_px, self.max_hole_px = int(min_object_px), int(max_hole_px)
+        self.smooth = smooth
         self.sink = sink
         self.weights = compute_importance_map(self.tile_size, mode=blend, sigma_scale=sigma_scale).numpy()
-        grid = (-(-self.height // self.chunk), -(-self.width // self.chunk))
-        self.pending = np.zeros(grid, dtype=np.int32)
+        self.row_edges = _chunk_edges(self.height, int(chunk_px))
+        self.col_edges = _chunk_edges(self.width, int(chunk_px))
+        self.pending = np.zeros((len(self.row_edges) - 1, len(self.col_edges) - 1), dtype=np.int32)
         for loc in tile_locations:
             (cy0, cy1), (cx0, cx1) = self._chunk_span(loc)
             self.pending[cy0:cy1, cx0:cx1] += 1
@@ -209,20 +224,20 @@ class RegionMerger(Merger):
         x1 = min(self.width, int(loc[1]) + self.tile_size[1])
         if y1 <= y0 or x1 <= x0:
             return (0, 0), (0, 0)
-        c = self.chunk
-        return (y0 // c, -(-y1 // c)), (x0 // c, -(-x1 // c))
+        rows = np.searchsorted(self.row_edges, [y0, y1 - 1], side="right") - 1
+        cols = np.searchsorted(self.col_edges, [x0, x1 - 1], side="right") - 1
+        return (int(rows[0]), int(rows[1]) + 1), (int(cols[0]), int(cols[1]) + 1)
 
     def _add(self, cy, cx, probs, ty, tx) -> None:
-        c = self.chunk
-        y0, x0 = cy * c, cx * c
-        h, w = min(c, self.height - y0), min(c, self.width - x0)
+        y0, y1 = int(self.row_edges[cy]), int(self.row_edges[cy + 1])
+        x0, x1 = int(self.col_edges[cx]), int(self.col_edges[cx + 1])
         acc = self.accumulators.get((cy, cx))
         if acc is None:
-            acc = self.accumulators[(cy, cx)] = np.zeros((probs.shape[0] + 1, h, w), np.float32)
+            acc = self.accumulators[(cy, cx)] = np.zeros((probs.shape[0] + 1, y1 - y0, x1 - x0), np.float32)
         # overlap of this tile with this chunk, in chunk and in tile coordinates
         oy0, ox0 = max(y0, ty), max(x0, tx)
-        oy1 = min(y0 + h, ty + self.tile_size[0])
-        ox1 = min(x0 + w, tx + self.tile_size[1])
+        oy1 = min(y1, ty + self.tile_size[0])
+        ox1 = min(x1, tx + self.tile_size[1])
         wts = self.weights[oy0 - ty : oy1 - ty, ox0 - tx : ox1 - tx]
         region = (slice(oy0 - y0, oy1 - y0), slice(ox0 - x0, ox1 - x0))
         acc[(slice(None, -1), *region)] += probs[:, oy0 - ty : oy1 - ty, ox0 - tx : ox1 - tx] * wts
@@ -237,9 +252,24 @@ class RegionMerger(Merger):
         covered = weight > 0
         probs = np.divide(acc[:-1], weight, out=np.zeros_like(acc[:-1]), where=covered)
         labels = np.where(covered, probs.argmax(axis=0), 0).astype(np.uint8)
+        y0, y1, x0, x1 = (
+            self.row_edges[cy],
+            self.row_edges[cy + 1],
+            self.col_edges[cx],
+            self.col_edges[cx + 1],
+        )
+        open_sides = (y0 > 0, y1 < self.height, x0 > 0, x1 < self.width)
+        labels = clean_labels(labels, probs, self.min_object_px, self.max_hole_px, self.smooth, open_sides)
         foreground = np.where(covered, 1.0 - probs[0], 0.0) if probs.shape[0] > 1 else probs[0]
-        self.sink.write(cy * self.chunk, cx * self.chunk, labels, foreground)
+        self.sink.write(int(self.row_edges[cy]), int(self.col_edges[cx]), labels, foreground)
         self.chunks_written += 1
+
+
+def _chunk_edges(length: int, chunk: int) -> np.ndarray:
+    """Chunk boundaries along one axis: 0, chunk/2, chunk/2 + chunk, ..., length (half a chunk off the tiles)."""
+    offset = chunk // 2
+    inner = np.arange(offset, length, chunk) if offset else np.arange(chunk, length, chunk)
+    return np.concatenate([[0], inner[inner > 0], [length]])
 
 
 def _mean_pool(values: np.ndarray, k: int) -> np.ndarray:
