@@ -27,9 +27,13 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated files, non-checkpoint files
-        raise ConfigError(
-            f"{path}: not a readable weights-only checkpoint ({type(err).__name__}: {err})"
-        ) from err
+        if "Weights only load failed" in str(err):
+            raise ConfigError(
+                f"{path}: refused: it holds pickled Python objects besides tensors, and loading those can run "
+                "code; use a weights-only checkpoint from a source you trust"
+            ) from err
+        detail = " ".join(str(err).split())
+        raise ConfigError(f"{path}: not a readable checkpoint ({type(err).__name__}: {detail})") from err
     if not isinstance(ckpt, dict):
         raise ConfigError(f"{path}: expected a dict checkpoint, found {type(ckpt).__name__}")
     return ckpt

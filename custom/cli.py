@@ -132,14 +132,10 @@ def segment(
         probability: also write <stem>_prob.tiff, a coarse foreground-probability map.
     """
     from custom.bundle import bundle_root, workflow
-    from custom.checkpoints import read_checkpoint
     from custom.segment import raise_on_failures
 
     ckpt = checkpoint or str(bundle_root() / "models" / "model.pt")
-    trained = read_checkpoint(ckpt).get("input_config", {})
     overrides = {"input": input, "output_dir": out, "ckpt_path": ckpt, "overwrite": overwrite}
-    for key, value in trained.items():
-        overrides[key] = value
     if level is not None or mpp is not None:
         overrides.update({"patch_level": level, "patch_mpp": mpp})
     if tile is not None:
@@ -199,6 +195,19 @@ def compare(metrics_a: str, metrics_b: str, key: str = "wsi_dice"):
     )
 
 
+def export(out_dir: str, model: str | None = None, max_file_mb: float | None = 25.0):
+    """Write OUT_DIR/holohisto_bundle_v<version>.zip: the bundle another lab downloads and runs as is.
+
+    Args:
+        out_dir: folder to write the zip into (created if missing).
+        model: a trained model.pt to ship as models/model.pt (weights and recorded settings only).
+        max_file_mb: refuse any file over this size (the Model Zoo's 25 MB); None for no limit.
+    """
+    from custom.export import export_bundle
+
+    print(export_bundle(out_dir, model=model, max_file_mb=max_file_mb))
+
+
 def main(argv: list[str] | None = None) -> None:
     verbs = {
         "demo": demo,
@@ -207,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         "segment": segment,
         "evaluate": evaluate,
         "compare": compare,
+        "export": export,
     }
     try:
         fire.Fire(verbs, command=argv, name="python -m custom")
