@@ -259,6 +259,9 @@ class HoloHistoNet(nn.Module):
             raise ValueError(
                 f"vit_widths {list(vit_widths)} and vit_depths {list(vit_depths)} differ in length"
             )
+        if not isinstance(freeze_tokenizer, bool):
+            # a command-line "false" arrives as a (truthy) string: refuse it rather than freeze
+            raise ConfigError(f"freeze_tokenizer must be true or false, got {freeze_tokenizer!r}")
         self.token_path = token_path
         self.freeze_tokenizer = freeze_tokenizer
         self.tokenizer_checkpoint = tokenizer_checkpoint
