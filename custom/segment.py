@@ -193,6 +193,7 @@ def segment_slide(
 ) -> SlideOutcome:
     """Segment one slide and write its outputs (each atomically)."""
     start = time.perf_counter()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     paths = output_paths(out_dir, slide_path)
     result = inferer(slide_path, network)
     try:

@@ -8,6 +8,7 @@ import torch
 from scipy import ndimage as ndi
 
 from custom.metrics.dice import dice_score
+from custom.wsi.cleanup import channel_argmax, clean_probabilities
 from custom.wsi.geojson import mask_to_features, rasterise_features
 from custom.wsi.overlay import draw_outlines
 from custom.wsi.stitch import LabelStore, RegionMerger
@@ -117,3 +118,21 @@ def test_overlay_draws_outline_pixels_only_on_object_borders():
     out = draw_outlines(thumb, labels)
     changed = np.any(out != thumb, axis=-1)
     assert changed[20, 20:60].any() and not changed[40:58, 40:58].any() and not changed[80:, 80:].any()
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_channel_argmax_matches_numpy_including_ties(classes):
+    rng = np.random.default_rng(classes)
+    probs = rng.random((classes, 64, 48)).astype(np.float32)
+    probs[:, :8, :8] = 0.5  # exact ties: the first class wins, as with argmax
+    probs[1:, 8:16, :8] = 0.9  # ties between foreground classes
+    assert np.array_equal(channel_argmax(probs), probs.argmax(axis=0))
+
+
+def test_tile_cleanup_foreground_test_agrees_with_argmax_on_ties():
+    probs = torch.full((1, 2, 64, 64), 0.5)  # an all-tie tile is background, as argmax says
+    probs[0, 1, 20:40, 20:40], probs[0, 0, 20:40, 20:40] = 0.9, 0.1  # one 400 px object
+    out = clean_probabilities(probs, min_object_px=500, max_hole_px=0)
+    assert (out.argmax(dim=1) == 0).all()  # the object was a speck, and the ties stayed background
+    kept = clean_probabilities(probs, min_object_px=300, max_hole_px=0)
+    assert int((kept.argmax(dim=1) == 1).sum()) == 400

@@ -49,9 +49,9 @@ def clean_probabilities(probs: torch.Tensor, min_object_px: int, max_hole_px: in
     if min_object_px <= 0 and max_hole_px <= 0:
         return probs
     out = probs.clone()
-    labels = probs.argmax(dim=1).cpu().numpy()
-    for b, lab in enumerate(labels):
-        foreground = lab > 0
+    # "argmax > 0" without argmax: torch's CPU argmax over the channel axis takes seconds per 4K tile
+    foregrounds = (probs[:, 1:].amax(dim=1) > probs[:, 0]).cpu().numpy()
+    for b, foreground in enumerate(foregrounds):
         if min_object_px > 0 and foreground.any():
             speck = torch.from_numpy(small_interior_components(foreground, min_object_px, 8)).to(probs.device)
             out[b, :, speck] = 0
@@ -62,6 +62,20 @@ def clean_probabilities(probs: torch.Tensor, min_object_px: int, max_hole_px: in
                 best = probs[b, 1:, hole].argmax(dim=0) + 1
                 out[b, :, hole] = torch.nn.functional.one_hot(best, probs.shape[1]).T.to(out.dtype)
     return out
+
+
+def channel_argmax(probs: np.ndarray) -> np.ndarray:
+    """argmax over axis 0 of a (C, h, w) array, as uint8, first class winning ties.
+
+    One pass per class over contiguous planes; numpy's strided argmax(axis=0) is ~10x slower.
+    """
+    labels = np.zeros(probs.shape[1:], np.uint8)
+    best = probs[0].copy()
+    for c in range(1, probs.shape[0]):
+        wins = probs[c] > best
+        labels[wins] = c
+        np.maximum(best, probs[c], out=best)
+    return labels
 
 
 def clean_labels(

@@ -24,7 +24,7 @@ from monai.data.utils import compute_importance_map
 from monai.inferers import Merger
 from zarr.codecs import BloscCodec
 
-from custom.wsi.cleanup import clean_labels
+from custom.wsi.cleanup import channel_argmax, clean_labels
 
 CHUNK_PX = 512  # merge granularity at the inference level; a finished chunk is written at once
 STORE_CHUNK_PX = 1024  # level-0 chunk of the on-disk label store
@@ -251,7 +251,7 @@ class RegionMerger(Merger):
         weight = acc[-1]
         covered = weight > 0
         probs = np.divide(acc[:-1], weight, out=np.zeros_like(acc[:-1]), where=covered)
-        labels = np.where(covered, probs.argmax(axis=0), 0).astype(np.uint8)
+        labels = np.where(covered, channel_argmax(probs), 0).astype(np.uint8)
         y0, y1, x0, x1 = (
             self.row_edges[cy],
             self.row_edges[cy + 1],
