@@ -65,7 +65,15 @@ def derived_slide(source: Path, out: Path, side: int | None = None, keep_box=Non
 
 
 def wrapped_read(src, level, y, x, h, w):
-    """Region (y, x, h, w) of the source level repeated periodically in both directions."""
+    """Region (y, x, h, w) of the source level repeated periodically in both directions.
+
+    Levels coarser than the source's last one subsample that last level (nearest pixel): they only
+    feed thumbnails, and the big slide has more levels than its source.
+    """
+    last = len(src.level_shapes) - 1
+    if level > last:
+        f = 2 ** (level - last)
+        return wrapped_read(src, last, y * f, x * f, h * f, w * f)[::f, ::f]
     lh, lw = src.level_shapes[level]
     f = 2**level
     out = np.empty((h, w, 3), np.uint8)
@@ -175,16 +183,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (base,) = write_synthetic_slides(tmp, count=1, width=16384, height=12288, seed=50, progress=False)
-        efficiency(base.slide_path, args.level, tmp / "out")
-        h, w = open_slide(base.slide_path).level_shapes[0]
-        quarter = derived_slide(base.slide_path, tmp / "quarter_wsi.tiff", keep_box=(0, 0, h // 2, w // 2))
-        tissue_proportional(base.slide_path, quarter, args.level, tmp / "out")
+        efficiency(base.wsi_path, args.level, tmp / "out")
+        h, w = open_slide(base.wsi_path).level_shapes[0]
+        quarter = derived_slide(base.wsi_path, tmp / "quarter_wsi.tiff", keep_box=(0, 0, h // 2, w // 2))
+        tissue_proportional(base.wsi_path, quarter, args.level, tmp / "out")
         if not args.skip_memory:
             (small,) = write_synthetic_slides(
                 tmp, count=1, width=20480, height=20480, seed=51, progress=False
             )
-            big = derived_slide(small.slide_path, tmp / "big_wsi.tiff", side=81920)
-            memory(small.slide_path, big, args.level, tmp / "out")
+            big = derived_slide(small.wsi_path, tmp / "big_wsi.tiff", side=81920)
+            memory(small.wsi_path, big, args.level, tmp / "out")
 
 
 if __name__ == "__main__":
