@@ -266,6 +266,37 @@ def test_tokenizer_encodes_each_window_on_its_own():
     torch.testing.assert_close(whole.skips[0][..., 128:, :128], corner.skips[0])
 
 
+def test_checkpointed_windows_give_the_same_loss_and_gradients_with_less_kept_memory():
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 512, 512)
+    target = (torch.rand(2, 1, 512, 512) > 0.7).long()
+    grads, kept = {}, {}
+    weights = holohisto_tiny(tokenizer={"kmeans_init": False}).state_dict()
+    for flag in (False, True):
+        model = holohisto_tiny(
+            tokenizer={"checkpoint_windows": flag, "window_batch": 2, "kmeans_init": False}
+        )
+        model.load_state_dict(weights)
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(image)
+        loss = F.cross_entropy(logits, target[:, 0]) + model.aux_loss()
+        loss.backward()
+        grads[flag] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        kept[flag] = sum(saved)
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The encoder's activations are no longer held for backward (measured 0.57 on the tiny net, where
+    # the tokenizer is a smaller share than in the full one).
+    assert kept[True] < 0.7 * kept[False]
+
+
 @pytest.mark.parametrize(
     "make",
     [

@@ -61,6 +61,7 @@ FULL_TOKENIZER: dict[str, Any] = {
     "kmeans_init": True,
     "restart_every": 100,
     "window_batch": 16,
+    "checkpoint_windows": True,  # a trainable 4K tokenizer does not fit an H200 otherwise
 }
 
 # CPU-sized: f=16 windows of 256 px with the first downsampling folded into conv_in (so nothing runs at

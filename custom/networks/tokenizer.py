@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from custom.errors import ConfigError
 from custom.networks.blocks import Downsample, ResnetBlock, taming_norm
@@ -361,6 +362,9 @@ class VQTokenizer(nn.Module):
     z_channels), `num_codes`/`code_dim` (taming's n_embed/embed_dim), plus `stem_stride`, `norm_groups`,
     the quantizer's options, and `window_batch`: how many `resolution`-sized windows are encoded at a
     time, which bounds the encoder's working memory at inference whatever the input size.
+    `checkpoint_windows` does the same for training: each window batch's encoder activations are
+    recomputed in backward instead of kept (about a third more tokenizer time), so a trainable
+    tokenizer holds only its outputs for the whole patch.
     """
 
     def __init__(
@@ -380,6 +384,7 @@ class VQTokenizer(nn.Module):
         kmeans_init: bool = False,
         restart_every: int = 0,
         window_batch: int = 16,
+        checkpoint_windows: bool = False,
     ):
         super().__init__()
         self.config = {
@@ -398,6 +403,7 @@ class VQTokenizer(nn.Module):
             "kmeans_init": kmeans_init,
             "restart_every": restart_every,
             "window_batch": window_batch,
+            "checkpoint_windows": checkpoint_windows,
         }
         self.encoder = Encoder(
             in_channels,
@@ -414,6 +420,7 @@ class VQTokenizer(nn.Module):
         self.quantize = VectorQuantizer(num_codes, code_dim, beta, kmeans_init, restart_every)
         self.window_px = resolution
         self.window_batch = window_batch
+        self.checkpoint_windows = checkpoint_windows
         self.token_stride = self.encoder.level_strides[-1]
         if resolution % self.token_stride:
             raise ValueError(
@@ -471,7 +478,7 @@ class VQTokenizer(nn.Module):
 
         def encode(windows: torch.Tensor) -> list[torch.Tensor]:
             nonlocal vectors
-            z, skips = self.encoder(windows, skip_strides)
+            z, skips = self._encoder(windows, skip_strides)
             vectors = self.quant_conv(z)
             quantized = self.quantize(vectors)
             # Weighted by windows so the loss is the mean over all tokens, as one batch would give.
@@ -482,6 +489,13 @@ class VQTokenizer(nn.Module):
         self.quantize.record_usage(indices[:, 0], vectors)
         windows_total = x.shape[0] * (x.shape[-2] // self.window_px) * (x.shape[-1] // self.window_px)
         return TokenizerOutput(tokens, indices[:, 0], torch.stack(losses).sum() / windows_total, skips)
+
+    def _encoder(self, windows: torch.Tensor, skip_strides: Sequence[int]):
+        # The quantizer stays outside the checkpoint: it updates state (k-means init, usage) that a
+        # recomputation must not touch twice. The encoder (GroupNorm, no dropout) recomputes exactly.
+        if self.checkpoint_windows and self.training and torch.is_grad_enabled():
+            return checkpoint(self.encoder, windows, skip_strides, use_reentrant=False)
+        return self.encoder(windows, skip_strides)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-quantization vectors (quant_conv output) B x code_dim x H/f x W/f, window by window."""
