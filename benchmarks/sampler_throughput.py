@@ -14,17 +14,21 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from custom.data.datalists import discover_kpis_slides
-from custom.data.patches import RandomTissuePatchDataset
-from custom.networks import holohisto_tiny
-from custom.synth import write_synthetic_slides
-from custom.training import SegmentationLoss
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: `custom` lives in the repository root
+
+from custom.data.datalists import discover_kpis_slides  # noqa: E402
+from custom.data.patches import RandomTissuePatchDataset  # noqa: E402
+from custom.networks import holohisto_tiny  # noqa: E402
+from custom.synth import write_synthetic_slides  # noqa: E402
+from custom.training import SegmentationLoss  # noqa: E402
 
 WORKERS = 2
 

@@ -27,12 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from custom.data.tiling import TissueTileSplitter
-from custom.networks import holohisto_tiny
-from custom.segment import WholeSlideInferer, segment_slide, unit_float
-from custom.synth import write_synthetic_slides
-from custom.wsi.pyramid import pyramid_shapes, write_pyramid
-from custom.wsi.reader import open_slide
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: `custom` lives in the repository root
+
+from custom.data.tiling import TissueTileSplitter  # noqa: E402
+from custom.networks import holohisto_tiny  # noqa: E402
+from custom.segment import WholeSlideInferer, segment_slide, unit_float  # noqa: E402
+from custom.synth import write_synthetic_slides  # noqa: E402
+from custom.wsi.pyramid import pyramid_shapes, write_pyramid  # noqa: E402
+from custom.wsi.reader import open_slide  # noqa: E402
 
 TILE_PX = 512
 GLASS_RGB = (242, 240, 244)
