@@ -236,8 +236,11 @@ def main() -> None:
         "--parts", nargs="+", default=["network", "train", "tokenizer", "wsi"], help="which parts, in order"
     )
     parser.add_argument("--work", default=None, help="scratch folder for the slides (default: a temp dir)")
+    parser.add_argument("--slide", type=int, nargs=2, metavar=("H", "W"), help="slide size for the wsi part")
     args = parser.parse_args()
     s = Sizes(args.smoke)
+    if args.slide:
+        s.slide = tuple(args.slide)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine(), "device": s.device, "smoke": args.smoke}
