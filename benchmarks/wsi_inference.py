@@ -8,7 +8,7 @@ One run, tiny network on CPU, synthetic slides made here:
   memory       peak RSS of segmenting a 20k x 20k and an 80k x 80k slide, each in a fresh
                subprocess. Goal: ratio <= 1.2. The 80k slide tiles a 20k synthetic slide 4 x 4.
 
-    python benchmarks/wsi_inference.py [--skip-memory] [--level 1]
+    python benchmarks/wsi_inference.py [--checkpoint DEMO_OUT/model.pt] [--skip-memory] [--level 1]
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: `custom` lives in the repository root
 
+from custom.checkpoints import config_from_checkpoint, load_weights  # noqa: E402
 from custom.data.tiling import TissueTileSplitter  # noqa: E402
-from custom.networks import holohisto_tiny  # noqa: E402
+from custom.networks import build_network, holohisto_tiny  # noqa: E402
 from custom.segment import WholeSlideInferer, segment_slide, unit_float  # noqa: E402
 from custom.synth import write_synthetic_slides  # noqa: E402
 from custom.wsi.pyramid import pyramid_shapes, write_pyramid  # noqa: E402
@@ -41,8 +42,19 @@ TILE_PX = 512
 GLASS_RGB = (242, 240, 244)
 
 
+CHECKPOINT: str | None = None  # a trained model (--checkpoint); random weights without one
+
+
 def network(seed=0):
+    """The tiny net: trained weights when given (realistic masks), else random ones.
+
+    Random weights predict speckled masks with thousands of objects, which inflates the cleanup and
+    GeoJSON share of the wall time well beyond what a trained model's masks cost.
+    """
     torch.manual_seed(seed)
+    if CHECKPOINT:
+        net = build_network(config_from_checkpoint(CHECKPOINT), load_tokenizer_checkpoint=False)
+        return load_weights(net, CHECKPOINT).eval()
     return holohisto_tiny().eval()
 
 
@@ -155,7 +167,8 @@ def memory(small: Path, big: Path, level: int, out: Path) -> None:
     results = {}
     for name, slide in (("20k", small), ("80k", big)):
         run = subprocess.run(
-            [sys.executable, __file__, "--worker", str(slide), "--level", str(level), "--out", str(out)],
+            [sys.executable, __file__, "--worker", str(slide), "--level", str(level), "--out", str(out),
+             *(["--checkpoint", CHECKPOINT] if CHECKPOINT else [])],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         results[name] = json.loads(run.stdout.strip().splitlines()[-1])
@@ -174,14 +187,20 @@ def main() -> None:
     )
     parser.add_argument("--level", type=int, default=1, help="inference level (tiny trains at level 1)")
     parser.add_argument("--skip-memory", action="store_true", help="skip the 20k vs 80k memory part")
+    parser.add_argument(
+        "--checkpoint", help="a trained tiny model.pt (e.g. the demo's); default: random weights"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global CHECKPOINT
+    CHECKPOINT = args.checkpoint
     if args.worker:
         return memory_worker(args.worker, args.level, args.out)
     print(
         f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; tiny net, {TILE_PX}-px tiles at level {args.level}"
+        f"{torch.get_num_threads()} threads; tiny net ({CHECKPOINT or 'random weights'}), "
+        f"{TILE_PX}-px tiles at level {args.level}; load average {os.getloadavg()[0]:.1f}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
