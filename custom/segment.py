@@ -22,7 +22,7 @@ from custom.data.datalists import SLIDE_EXTENSIONS, _stem, load_datalist
 from custom.data.tiling import TilePlan, TissueTileSplitter
 from custom.errors import ConfigError, HoloHistoError
 from custom.wsi.cleanup import clean_probabilities
-from custom.wsi.geojson import mask_to_features, write_geojson
+from custom.wsi.geojson import iter_features, write_geojson
 from custom.wsi.label_pyramid import build_levels, coarsest_level_within, write_label_tiff
 from custom.wsi.overlay import write_overlay
 from custom.wsi.pyramid import pyramid_shapes, write_pyramid
@@ -206,8 +206,9 @@ def segment_slide(
         k = coarsest_level_within(levels, CONTOUR_MAX_SIDE_PX)
         labels = levels[k][:]
         scale = plan.slide.level_shapes[0][1] / labels.shape[1]
-        features = mask_to_features(labels, scale=scale, mpp=plan.slide.mpp, class_names=class_names)
-        write_geojson(paths["geojson"], features)
+        features = iter_features(labels, scale=scale, mpp=plan.slide.mpp, class_names=class_names)
+        objects = write_geojson(paths["geojson"], features)
+        del labels
         write_overlay(paths["overlay"], *_overlay_inputs(plan.slide, levels))
     finally:
         result.store.remove()
@@ -220,7 +221,7 @@ def segment_slide(
         reason,
         tissue_tiles=len(plan.locations),
         seconds=time.perf_counter() - start,
-        outputs=outputs | {"objects": str(len(features))},
+        outputs=outputs | {"objects": str(objects)},
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from scipy import ndimage as ndi
 
 from custom.metrics.dice import dice_score
 from custom.wsi.cleanup import channel_argmax, clean_probabilities
-from custom.wsi.geojson import mask_to_features, rasterise_features
+from custom.wsi.geojson import iter_features, mask_to_features, rasterise_features, write_geojson
 from custom.wsi.overlay import draw_outlines
 from custom.wsi.stitch import LabelStore, RegionMerger
 
@@ -109,6 +111,24 @@ def test_geojson_polygons_rasterise_back_to_the_mask():
     assert first["area_um2"] == pytest.approx(first["area_px"] * 0.0625)
     back = rasterise_features(features, labels.shape, scale=4.0)
     assert dice_score(back, labels) > 0.98
+
+
+def test_geojson_is_streamed_to_a_valid_file_and_a_failed_write_leaves_nothing(tmp_path):
+    labels = np.zeros((64, 64), np.uint8)
+    labels[5:15, 5:15], labels[30:50, 20:40] = 1, 1
+    path = tmp_path / "slide.geojson"
+    count = write_geojson(path, iter_features(labels, scale=2.0, class_names={1: "Glomerulus"}))
+    collection = json.loads(path.read_text())
+    assert count == 2 and collection["type"] == "FeatureCollection"
+    assert collection["features"] == mask_to_features(labels, scale=2.0, class_names={1: "Glomerulus"})
+
+    def broken():
+        yield from iter_features(labels)
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError):
+        write_geojson(tmp_path / "other.geojson", broken())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slide.geojson"]  # no partial file
 
 
 def test_overlay_draws_outline_pixels_only_on_object_borders():

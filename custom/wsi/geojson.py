@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import cv2
@@ -28,8 +29,18 @@ def mask_to_features(
     Vertices are boundary pixel centres, so rasterising a ring back at the same level gives the
     object's pixels.
     """
+    return list(iter_features(labels, scale, mpp, class_names))
+
+
+def iter_features(
+    labels: np.ndarray,
+    scale: float = 1.0,
+    mpp: tuple[float, float] | None = None,
+    class_names: dict[int, str] | None = None,
+) -> Iterator[dict]:
+    """`mask_to_features` one feature at a time, so writing them never holds them all."""
     class_names = class_names or {}
-    features = []
+    count = 0
     for cls in (int(c) for c in np.unique(labels) if c > 0):
         binary = (labels == cls).astype(np.uint8)
         _, components, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
@@ -50,30 +61,43 @@ def mask_to_features(
             x, y = contour[0, 0]
             area_px0 = float(stats[components[y, x], cv2.CC_STAT_AREA]) * scale * scale
             area_um2 = area_px0 * mpp[0] * mpp[1] if mpp else None
-            features.append(
+            count += 1
+            yield (
                 {
                     "type": "Feature",
                     "geometry": {"type": "Polygon", "coordinates": rings},
                     "properties": {
                         "objectType": "annotation",
                         "classification": {"name": name, "color": colour},
-                        "name": f"{name} {len(features) + 1}",
+                        "name": f"{name} {count}",
                         "area_um2": area_um2,
                         "area_px": area_px0,
                         "measurements": {"Area um^2": area_um2} if area_um2 is not None else {},
                     },
                 }
             )
-    return features
 
 
-def write_geojson(path: str | Path, features: list[dict]) -> Path:
-    """Write a FeatureCollection atomically (temporary name, then rename)."""
+def write_geojson(path: str | Path, features: Iterable[dict]) -> int:
+    """Write a FeatureCollection atomically (temporary name, then rename); returns the feature count.
+
+    Features are written as they come, so a slide with very many objects never holds their JSON at once.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
-    os.replace(tmp, path)
-    return path
+    count = 0
+    try:
+        with open(tmp, "w") as out:
+            out.write('{"type": "FeatureCollection", "features": [')
+            for feature in features:
+                out.write((",\n" if count else "\n") + json.dumps(feature))
+                count += 1
+            out.write("\n]}\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return count
 
 
 def rasterise_features(features: list[dict], shape: tuple[int, int], scale: float = 1.0) -> np.ndarray:
