@@ -29,7 +29,7 @@ from torch import nn
 
 from custom.errors import ConfigError
 from custom.networks.blocks import ResnetBlock, taming_norm
-from custom.networks.tokenizer import AttnBlock, MidBlock, VQTokenizer, _listed, _taming_keys
+from custom.networks.tokenizer import AttnBlock, MidBlock, VQTokenizer, _taming_keys, state_dict_mismatch
 
 # A taming VQModel's decoder-side keys: everything the autoencoder adds to the tokenizer.
 DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
@@ -221,28 +221,12 @@ class VQAutoencoder(nn.Module):
         A taming VQModel's own extras (loss.*, the discriminator and LPIPS of its training loss) are ignored.
         """
         state = {k: v for k, v in state.items() if not k.startswith("loss.")}
-        expected = self.taming_state_dict()
         # taming checkpoints have no `quantize.initialized`; they are trained codebooks by definition.
-        optional = {"quantize.initialized"}
-        missing = sorted(expected.keys() - state.keys() - optional)
-        unexpected = sorted(state.keys() - expected.keys())
-        mismatched = sorted(
-            f"{k} (checkpoint {list(state[k].shape)}, autoencoder {list(expected[k].shape)})"
-            for k in expected.keys() & state.keys()
-            if state[k].shape != expected[k].shape
-        )
-        if missing or unexpected or mismatched:
-            problems = [
-                f"{label}: {_listed(keys)}"
-                for label, keys in (
-                    ("missing keys", missing),
-                    ("unexpected keys", unexpected),
-                    ("shape mismatches", mismatched),
-                )
-                if keys
-            ]
+        optional = frozenset({"quantize.initialized"})
+        problems = state_dict_mismatch(state, self.taming_state_dict(), "autoencoder", optional)
+        if problems:
             raise ConfigError(
-                f"{source}: does not fit this autoencoder ({'; '.join(problems)}); tokenizer "
+                f"{source}: does not fit this autoencoder ({problems}); tokenizer "
                 f"{self.tokenizer.config}, decoder {self.decoder_config}"
             )
         self.tokenizer.load_state_dict(

@@ -519,6 +519,24 @@ def _taming_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
+def state_dict_mismatch(
+    given: dict, expected: dict, owner: str, optional: frozenset[str] = frozenset()
+) -> str:
+    """What keeps `given` from loading strictly into a module whose state is `expected` ("" if nothing).
+
+    Names the missing and unexpected keys and the shape mismatches (checkpoint vs `owner`).
+    """
+    missing = sorted(expected.keys() - given.keys() - optional)
+    unexpected = sorted(given.keys() - expected.keys())
+    mismatched = sorted(
+        f"{k} (checkpoint {list(given[k].shape)}, {owner} {list(expected[k].shape)})"
+        for k in expected.keys() & given.keys()
+        if given[k].shape != expected[k].shape
+    )
+    problems = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+    return "; ".join(f"{label}: {_listed(keys)}" for label, keys in problems if keys)
+
+
 def _listed(keys: list[str]) -> str:
     shown = ", ".join(keys[:LISTED_KEYS])
     return shown + (f" and {len(keys) - LISTED_KEYS} more" if len(keys) > LISTED_KEYS else "")
@@ -548,26 +566,10 @@ def load_taming_checkpoint(module: nn.Module, path: str | Path) -> None:
             f"{path}: expected a state dict or a dict with 'state_dict', got {type(checkpoint).__name__}"
         )
     given = _taming_keys(checkpoint)
-    expected = _taming_keys(tokenizer.state_dict())
-    missing = sorted(expected.keys() - given.keys())
-    unexpected = sorted(given.keys() - expected.keys())
-    mismatched = sorted(
-        f"{k} (checkpoint {list(given[k].shape)}, tokenizer {list(expected[k].shape)})"
-        for k in expected.keys() & given.keys()
-        if given[k].shape != expected[k].shape
-    )
-    if missing or unexpected or mismatched:
-        problems = [
-            f"{label}: {_listed(keys)}"
-            for label, keys in (
-                ("missing keys", missing),
-                ("unexpected keys", unexpected),
-                ("shape mismatches", mismatched),
-            )
-            if keys
-        ]
+    problems = state_dict_mismatch(given, _taming_keys(tokenizer.state_dict()), "tokenizer")
+    if problems:
         raise ConfigError(
-            f"{path}: checkpoint does not fit this tokenizer ({'; '.join(problems)}). The tokenizer was built "
+            f"{path}: checkpoint does not fit this tokenizer ({problems}). The tokenizer was built "
             f"with {tokenizer.config}; a taming f16/1024 checkpoint needs the full-size tokenizer "
             "(holohisto_full: ch 128, ch_mult (1, 1, 2, 2, 4), stem_stride 1, 1024 codes x 256)."
         )
