@@ -363,7 +363,7 @@ class VQTokenizer(nn.Module):
     the quantizer's options, and `window_batch`: how many `resolution`-sized windows are encoded at a
     time, which bounds the encoder's working memory at inference whatever the input size.
     `checkpoint_windows` does the same for training: each window batch's encoder activations are
-    recomputed in backward instead of kept (about a third more tokenizer time), so a trainable
+    recomputed in backward instead of kept (one more encoder forward per step), so a trainable
     tokenizer holds only its outputs for the whole patch.
     """
 
