@@ -39,10 +39,11 @@ from tokenizer_throughput import machine  # noqa: E402
 from tokenizer_throughput import measure as tokenizer_measure  # noqa: E402
 from wsi_inference import wrapped_read  # noqa: E402
 
-from custom.data.tiling import TissueTileSplitter  # noqa: E402
+from custom.inference.inferer import WholeSlideInferer  # noqa: E402
+from custom.inference.segment import segment_slide  # noqa: E402
+from custom.inference.splitter import TissueTileSplitter  # noqa: E402
 from custom.networks import holohisto_full, holohisto_tiny  # noqa: E402
 from custom.networks.holohisto import FULL_TOKENIZER, TINY_TOKENIZER  # noqa: E402
-from custom.segment import WholeSlideInferer, segment_slide  # noqa: E402
 from custom.synth import write_synthetic_slides  # noqa: E402
 from custom.training import SegmentationLoss  # noqa: E402
 from custom.wsi.pyramid import pyramid_shapes, write_pyramid  # noqa: E402

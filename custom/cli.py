@@ -128,11 +128,11 @@ def segment(
         level: read tiles at this pyramid level (default: the training level).
         mpp: or at this resolution in micrometres per pixel.
         tile: tile side in pixels at that level (default: the training patch size).
-        overlap: tile overlap in pixels (default 0).
+        overlap: pixels neighbouring tiles share (even; default: 1/8 of the tile, see the model card).
         probability: also write <stem>_prob.tiff, a coarse foreground-probability map.
     """
     from custom.bundle import bundle_root, workflow
-    from custom.segment import raise_on_failures
+    from custom.inference.segment import raise_on_failures
 
     ckpt = checkpoint or str(bundle_root() / "models" / "model.pt")
     overrides = {"input": input, "output_dir": out, "ckpt_path": ckpt, "overwrite": overwrite}

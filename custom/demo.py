@@ -15,8 +15,8 @@ from pathlib import Path
 from custom.bundle import workflow
 from custom.checkpoints import read_checkpoint
 from custom.data.datalists import slide_id
+from custom.inference.segment import output_paths, raise_on_failures
 from custom.metrics.wsi import wsi_dice
-from custom.segment import output_paths, raise_on_failures
 from custom.synth import write_synthetic_slides
 
 DEMO_WIDTH, DEMO_HEIGHT = 8192, 6144

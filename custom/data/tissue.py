@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter
 from skimage.filters import threshold_otsu
@@ -22,6 +23,9 @@ from skimage.morphology import remove_small_holes, remove_small_objects
 # The coarsest level whose long side is at least this many pixels: fine enough to see tissue
 # outlines, small enough to read whole in well under a second.
 TARGET_LONG_SIDE_PX = 1024
+# The slide picture read once per slide (for the overlay, and for tissue detection when the
+# tissue level is not cached): the finest level whose long side is at most this.
+THUMBNAIL_MAX_SIDE_PX = 2048
 # Glass is grey-white (saturation ~0); a floor under Otsu keeps a blank slide from being split
 # into "tissue" and "slightly less white glass".
 MIN_SATURATION = 0.05
@@ -94,6 +98,14 @@ def tissue_level(slide, long_side_px: int = TARGET_LONG_SIDE_PX) -> int:
     return level
 
 
+def thumbnail_level(slide, max_side_px: int = THUMBNAIL_MAX_SIDE_PX) -> int:
+    """The finest level whose long side is at most `max_side_px` (the coarsest level if none is)."""
+    for i, (h, w) in enumerate(slide.level_shapes):
+        if max(h, w) <= max_side_px:
+            return i
+    return slide.level_count - 1
+
+
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation in [0, 1] of an (h, w, 3) uint8 image."""
     rgb = rgb.astype(np.float32)
@@ -110,15 +122,18 @@ def detect_tissue(
     min_object_um2: float = MIN_OBJECT_UM2,
     max_hole_um2: float = MAX_HOLE_UM2,
     min_fraction: float = MIN_TISSUE_FRACTION,
+    thumbnail: tuple[int, np.ndarray] | None = None,
 ) -> TissueMask:
     """Tissue mask of an opened slide (`custom.wsi.reader.open_slide`).
 
     `threshold` overrides Otsu (saturation in 0..1). A mask covering less than `min_fraction` of
     the level is returned empty: the caller reports "no tissue" rather than tiling specks.
+    `thumbnail` (level, RGB) already read is used instead of reading the level again when it is
+    that level or a finer one (box-averaged down, as the slide's own pyramid was made).
     """
     if level is None:
         level = tissue_level(slide)
-    rgb = slide.read_level(level)
+    rgb = _level_pixels(slide, level, thumbnail)
     h0, w0 = slide.level_shapes[0]
     scale = (h0 / rgb.shape[0], w0 / rgb.shape[1])
     sigma_px = SMOOTH_UM / (slide.mpp[1] * scale[1]) if slide.mpp else FALLBACK_SMOOTH_PX
@@ -151,7 +166,8 @@ class TissueCache:
         self._memory: OrderedDict[str, TissueMask] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, slide) -> TissueMask:
+    def get(self, slide, thumbnail: tuple[int, np.ndarray] | None = None) -> TissueMask:
+        """The slide's tissue mask; `thumbnail` (level, RGB) spares a read when it must be detected."""
         key = self._key(slide.path)
         with self._lock:
             if key in self._memory:
@@ -159,7 +175,7 @@ class TissueCache:
                 return self._memory[key]
         tissue = self._load(key)
         if tissue is None:
-            tissue = detect_tissue(slide, **self.settings)
+            tissue = detect_tissue(slide, thumbnail=thumbnail, **self.settings)
             self._store(key, tissue)
         with self._lock:
             self._memory[key] = tissue
@@ -202,6 +218,14 @@ class TissueCache:
             threshold=tissue.threshold,
         )
         os.replace(tmp, final)
+
+
+def _level_pixels(slide, level: int, thumbnail: tuple[int, np.ndarray] | None) -> np.ndarray:
+    if thumbnail is not None and thumbnail[0] <= level:
+        h, w = slide.level_shapes[level]
+        rgb = thumbnail[1]
+        return rgb if rgb.shape[:2] == (h, w) else cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
+    return slide.read_level(level)
 
 
 def _pixel_area_um2(slide, scale) -> float | None:

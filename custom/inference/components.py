@@ -1,0 +1,337 @@
+"""Slide-wide connected components of the stitched mask, found one cell at a time.
+
+Each finished cell is labelled on its own (OpenCV): foreground 8-connected, as objects are counted;
+background 4-connected, its dual, so that a background component enclosed by foreground is a hole
+of exactly one object. Local components get global ids, and where two cells meet, the ids of
+pixels that touch across the shared edge (or corner, for the foreground) are joined in a
+union-find. Once every cell is in, each object's and each hole's *whole* size is known, however
+many cells it spans, so the cleanup decides per object, never per cell. Memory holds a few numbers
+per component and the border pixels of cells whose neighbours have not arrived yet; never a
+full-slide array.
+
+Background that touches the slide's edge or a cell that is never inferred (glass) is open: not a hole.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+SIDES = ("top", "bottom", "left", "right")
+# (di, dj) of a neighbour -> (my side, its side) for edge neighbours
+EDGE_NEIGHBOURS = {
+    (-1, 0): ("top", "bottom"),
+    (1, 0): ("bottom", "top"),
+    (0, -1): ("left", "right"),
+    (0, 1): ("right", "left"),
+}
+# (di, dj) of a diagonal neighbour -> (my corner, its corner); corners index (row, col) in {0, -1}
+CORNER_NEIGHBOURS = {
+    (-1, -1): ((0, 0), (-1, -1)),
+    (-1, 1): ((0, -1), (-1, 0)),
+    (1, -1): ((-1, 0), (0, -1)),
+    (1, 1): ((-1, -1), (0, 0)),
+}
+
+
+@dataclass
+class LocalLabels:
+    """What the union-find needs of one labelled cell (no full-size arrays)."""
+
+    fg_count: int  # foreground components 1..fg_count
+    fg_area: np.ndarray
+    fg_box: np.ndarray  # (n, 4) y0, x0, y1, x1 inside the cell
+    fg_seed: np.ndarray  # (n, 2) y, x of one pixel of each component, inside the cell
+    bg_count: int
+    bg_area: np.ndarray
+    fg_edges: dict  # side -> local labels along that side (0 = not foreground)
+    bg_edges: dict
+
+
+def label_cell(labels: np.ndarray) -> tuple[LocalLabels, np.ndarray, np.ndarray]:
+    """Label one cell: (summary, foreground labels, background labels), OpenCV's deterministic numbering."""
+    fg = (labels > 0).view(np.uint8) if labels.dtype == np.bool_ else (labels > 0).astype(np.uint8)
+    nf, lf, sf, _ = cv2.connectedComponentsWithStats(fg, connectivity=8, ltype=cv2.CV_32S)
+    nb, lb, sb, _ = cv2.connectedComponentsWithStats(1 - fg, connectivity=4, ltype=cv2.CV_32S)
+    x, y, w, h = (sf[1:, k] for k in range(4))
+    seeds = np.zeros((nf - 1, 2), np.int64)
+    for k in range(1, nf):  # a component's first pixel in raster order lies on its top row
+        row = lf[y[k - 1], x[k - 1] : x[k - 1] + w[k - 1]]
+        seeds[k - 1] = (y[k - 1], x[k - 1] + int(np.argmax(row == k)))
+    summary = LocalLabels(
+        fg_count=nf - 1,
+        fg_area=sf[1:, cv2.CC_STAT_AREA].astype(np.int64),
+        fg_box=np.stack([y, x, y + h, x + w], axis=1).astype(np.int64),
+        fg_seed=seeds,
+        bg_count=nb - 1,
+        bg_area=sb[1:, cv2.CC_STAT_AREA].astype(np.int64),
+        fg_edges=_edges(lf),
+        bg_edges=_edges(lb),
+    )
+    return summary, lf, lb
+
+
+def _edges(lab: np.ndarray) -> dict:
+    return {
+        "top": lab[0].copy(),
+        "bottom": lab[-1].copy(),
+        "left": lab[:, 0].copy(),
+        "right": lab[:, -1].copy(),
+    }
+
+
+@dataclass
+class _Cell:
+    origin: tuple[int, int]
+    fg_base: int
+    fg_count: int
+    bg_base: int
+    bg_count: int
+    fg_edges: dict | None
+    bg_edges: dict | None
+    waiting: int  # present neighbours not added yet; the edges are dropped when it reaches 0
+
+
+class SlideComponents:
+    """Union-find over the components of every cell of a `CellGrid` plan.
+
+    Args:
+        present: the (i, j) cells that will be added; every other cell is background (glass).
+        grid_shape: (rows, cols) of the cell grid.
+    """
+
+    def __init__(self, present, grid_shape: tuple[int, int]):
+        self.present = set(present)
+        self.rows, self.cols = grid_shape
+        self.cells: dict[tuple[int, int], _Cell] = {}
+        self._lock = threading.Lock()
+        self._n = 0
+        self._parent = np.zeros(1024, np.int64)
+        self._area = np.zeros(1024, np.int64)
+        self._open = np.zeros(1024, bool)
+        self._is_fg = np.zeros(1024, bool)
+        self._box = np.zeros((1024, 4), np.int64)  # slide coordinates at the inference level
+        self._seed = np.zeros((1024, 2), np.int64)
+        self._roots: np.ndarray | None = None
+
+    # ---- pass 1 ------------------------------------------------------------------------------
+
+    def add(self, i: int, j: int, origin: tuple[int, int], local: LocalLabels) -> None:
+        """Add cell (i, j) whose top-left is `origin` (y, x) at the inference level."""
+        with self._lock:
+            self._roots = None
+            oy, ox = origin
+            fg_base = self._allocate(local.fg_count, fg=True)
+            ids = slice(fg_base + 1, fg_base + 1 + local.fg_count)
+            self._area[ids] = local.fg_area
+            self._box[ids] = local.fg_box + np.array([oy, ox, oy, ox])
+            self._seed[ids] = local.fg_seed + np.array([oy, ox])
+            bg_base = self._allocate(local.bg_count, fg=False)
+            self._area[bg_base + 1 : bg_base + 1 + local.bg_count] = local.bg_area
+            fg_edges = {s: _globalise(e, fg_base) for s, e in local.fg_edges.items()}
+            bg_edges = {s: _globalise(e, bg_base) for s, e in local.bg_edges.items()}
+            waiting = 0
+            for (di, dj), (mine, theirs) in EDGE_NEIGHBOURS.items():
+                other = (i + di, j + dj)
+                if other not in self.present:
+                    self._open[bg_edges[mine][bg_edges[mine] > 0]] = True  # glass or the slide edge
+                elif other in self.cells:
+                    cell = self.cells[other]
+                    self._join_edge(fg_edges[mine], cell.fg_edges[theirs], diagonal=True)
+                    self._join_edge(bg_edges[mine], cell.bg_edges[theirs], diagonal=False)
+                    self._release(other)
+                else:
+                    waiting += 1
+            for (di, dj), (mine, theirs) in CORNER_NEIGHBOURS.items():
+                other = (i + di, j + dj)
+                if other in self.cells:
+                    a = _corner(fg_edges, mine)
+                    b = _corner(self.cells[other].fg_edges, theirs)
+                    if a and b:
+                        self._union(a, b)
+                    self._release(other)
+                elif other in self.present:
+                    waiting += 1
+            self.cells[(i, j)] = _Cell(
+                (oy, ox), fg_base, local.fg_count, bg_base, local.bg_count, fg_edges, bg_edges, waiting
+            )
+            if waiting == 0:
+                self.cells[(i, j)].fg_edges = self.cells[(i, j)].bg_edges = None
+
+    # ---- decisions ---------------------------------------------------------------------------
+
+    def roots(self) -> np.ndarray:
+        if self._roots is None:
+            parent = self._parent[: self._n + 1].copy()
+            while True:  # pointer jumping: every id straight to its root
+                nxt = parent[parent]
+                if np.array_equal(nxt, parent):
+                    break
+                parent = nxt
+            self._roots = parent
+        return self._roots
+
+    def decide(self, min_object_px: int, max_hole_px: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per global id: (drop, fill) - objects under `min_object_px`, enclosed holes under `max_hole_px`."""
+        roots = self.roots()
+        area = self._area[: self._n + 1][roots]
+        is_fg = self._is_fg[: self._n + 1]
+        opened = self._open[: self._n + 1][roots]
+        drop = is_fg & (area < min_object_px)
+        fill = ~is_fg & ~opened & (area < max_hole_px)
+        drop[0] = fill[0] = False
+        return drop, fill
+
+    def changes(
+        self, i: int, j: int, drop: np.ndarray, fill: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(drop, fill) lookup tables over cell (i, j)'s local labels, or None when nothing changes there."""
+        cell = self.cells.get((i, j))
+        if cell is None:
+            return None
+        local_drop = np.zeros(cell.fg_count + 1, bool)
+        local_drop[1:] = drop[cell.fg_base + 1 : cell.fg_base + 1 + cell.fg_count]
+        local_fill = np.zeros(cell.bg_count + 1, bool)
+        local_fill[1:] = fill[cell.bg_base + 1 : cell.bg_base + 1 + cell.bg_count]
+        if not local_drop.any() and not local_fill.any():
+            return None
+        return local_drop, local_fill
+
+    def objects(self, drop: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(box y0, x0, y1, x1; seed y, x) of every kept object, in the order of their first pixel."""
+        roots = self.roots()
+        ids = np.flatnonzero(self._is_fg[: self._n + 1] & ~drop)
+        if ids.size == 0:
+            return []
+        r = roots[ids]
+        order = np.argsort(r, kind="stable")
+        ids, r = ids[order], r[order]
+        starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
+        boxes = self._box[ids]
+        y0 = np.minimum.reduceat(boxes[:, 0], starts)
+        x0 = np.minimum.reduceat(boxes[:, 1], starts)
+        y1 = np.maximum.reduceat(boxes[:, 2], starts)
+        x1 = np.maximum.reduceat(boxes[:, 3], starts)
+        seeds = self._seed[ids[starts]]
+        found = [(np.array([a, b, c, d]), s) for a, b, c, d, s in zip(y0, x0, y1, x1, seeds, strict=True)]
+        found.sort(key=lambda o: (int(o[1][0]), int(o[1][1])))
+        return found
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _allocate(self, count: int, fg: bool) -> int:
+        base = self._n
+        need = base + count + 1
+        if need > self._parent.size:
+            size = max(need, 2 * self._parent.size)
+            self._parent = _grow(self._parent, size)
+            self._area, self._open, self._is_fg = (
+                _grow(a, size) for a in (self._area, self._open, self._is_fg)
+            )
+            self._box, self._seed = _grow(self._box, size), _grow(self._seed, size)
+        new = np.arange(base + 1, base + count + 1)
+        self._parent[new] = new
+        self._is_fg[new] = fg
+        self._n += count
+        return base
+
+    def _join_edge(self, a: np.ndarray, b: np.ndarray, diagonal: bool) -> None:
+        """Join ids facing each other across an edge (and diagonally along it for the foreground)."""
+        pairs = [(a, b)]
+        if diagonal:
+            pairs += [(a[:-1], b[1:]), (a[1:], b[:-1])]
+        found = []
+        for p, q in pairs:
+            both = (p > 0) & (q > 0)
+            if both.any():
+                found.append(p[both] * (self._n + 1) + q[both])
+        if not found:
+            return
+        for code in np.unique(np.concatenate(found)):
+            self._union(int(code // (self._n + 1)), int(code % (self._n + 1)))
+
+    def _find(self, a: int) -> int:
+        parent = self._parent
+        root = a
+        while parent[root] != root:
+            root = parent[root]
+        while parent[a] != root:
+            parent[a], a = root, parent[a]
+        return int(root)
+
+    def _union(self, a: int, b: int) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra == rb:
+            return
+        if rb < ra:
+            ra, rb = rb, ra
+        self._parent[rb] = ra
+        self._area[ra] += self._area[rb]
+        self._open[ra] |= self._open[rb]
+        self._box[ra, :2] = np.minimum(self._box[ra, :2], self._box[rb, :2])
+        self._box[ra, 2:] = np.maximum(self._box[ra, 2:], self._box[rb, 2:])
+
+    def _release(self, ij) -> None:
+        cell = self.cells[ij]
+        cell.waiting -= 1
+        if cell.waiting <= 0:
+            cell.fg_edges = cell.bg_edges = None
+
+
+def _globalise(local: np.ndarray, base: int) -> np.ndarray:
+    out = local.astype(np.int64)
+    out[out > 0] += base
+    return out
+
+
+def _corner(edges: dict, corner: tuple[int, int]) -> int:
+    row, col = corner
+    return int(edges["top" if row == 0 else "bottom"][col])
+
+
+def _grow(a: np.ndarray, size: int) -> np.ndarray:
+    out = np.zeros((size, *a.shape[1:]), a.dtype)
+    out[: a.shape[0]] = a
+    return out
+
+
+def apply_changes(
+    labels: np.ndarray, lf: np.ndarray, lb: np.ndarray, drop: np.ndarray, fill: np.ndarray, max_hole_px: int
+) -> np.ndarray:
+    """Cell labels with dropped objects set to 0 and filled holes set to their object's class.
+
+    A speck inside a filled hole would leave a speck-sized pinhole behind: pockets that then lie
+    wholly inside the cell and are under `max_hole_px` are filled too (exact, being interior).
+    """
+    out = labels.copy()
+    out[drop[lf]] = 0
+    holes = fill[lb]
+    if holes.any():
+        out[holes] = _enclosing_class(out, holes)
+    if max_hole_px > 0:
+        pocket = _interior_small(out == 0, max_hole_px)
+        if pocket.any():
+            out[pocket] = _enclosing_class(out, pocket)
+    return out
+
+
+def _interior_small(binary: np.ndarray, max_px: int) -> np.ndarray:
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=4)
+    if n <= 1:
+        return np.zeros(binary.shape, bool)
+    x, y, w, h, area = (stats[:, k] for k in range(5))
+    inside = (x > 0) & (y > 0) & (x + w < binary.shape[1]) & (y + h < binary.shape[0]) & (area < max_px)
+    inside[0] = False
+    return inside[lab]
+
+
+def _enclosing_class(labels: np.ndarray, holes: np.ndarray) -> int:
+    """The foreground class that borders `holes` most (1 for two-class maps)."""
+    if labels.max() <= 1:
+        return 1
+    ring = cv2.dilate(holes.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & (labels > 0)
+    counts = np.bincount(labels[ring], minlength=2)
+    return int(np.argmax(counts[1:]) + 1) if counts[1:].any() else 1
