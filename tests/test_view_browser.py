@@ -64,6 +64,8 @@ def page(view_outputs, tmp_path_factory):
         tab = context.new_page()
         errors: list[str] = []
         tab.on("pageerror", lambda err: errors.append(str(err)))
+        # failed requests and Content-Security-Policy violations are reported as console errors
+        tab.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
         tab.goto(f"{server.url}#{SYNTH}")
         tab.errors = errors
         try:

@@ -158,9 +158,7 @@ class Catalog:
             dirnames.sort()
             folder = Path(dirpath)
             for name in dirnames:
-                if name in self.entries and any(
-                    n.lower().endswith(".dcm") for n in os.listdir(folder / name)
-                ):
+                if name in self.entries and _dicom_folder(folder / name, self.slides_dir):
                     found.setdefault(name, []).append(folder / name)
             for name in sorted(filenames):
                 path = folder / name
@@ -232,6 +230,15 @@ class Catalog:
         for entry in self.entries.values():
             for image in entry.images.values():
                 image.slide.close()
+
+
+def _dicom_folder(folder: Path, root: Path) -> bool:
+    """A folder of DICOM files (one slide for OpenSlide), none of them a link out of `root`."""
+    try:
+        files = [p for p in folder.iterdir() if p.name.lower().endswith(".dcm")]
+    except OSError:
+        return False
+    return bool(files) and all(inside(p, root) for p in files)
 
 
 def _folder(path: str | Path, what: str) -> Path:

@@ -177,24 +177,30 @@ async function loadObjects(slide) {
 }
 
 function describeFeature(feature, index) {
-  const rings = feature.geometry.type === "Polygon" ? feature.geometry.coordinates : [];
-  const outer = rings[0] || [[0, 0]];
+  const geometry = feature.geometry || {};
+  const polygons =
+    geometry.type === "Polygon" ? [geometry.coordinates] : geometry.type === "MultiPolygon" ? geometry.coordinates : [];
+  const rings = polygons.flat(1);
+  const outer = polygons.map((polygon) => polygon[0]).flat(1);
   const xs = outer.map((p) => p[0]);
   const ys = outer.map((p) => p[1]);
   const props = feature.properties || {};
   const area = props.area_um2 ?? (props.measurements || {})["Area um^2"];
   const name = props.name || `${(props.classification || {}).name || "object"} ${index + 1}`;
+  const box = xs.length
+    ? { x: Math.min(...xs), y: Math.min(...ys), width: Math.max(...xs) - Math.min(...xs), height: Math.max(...ys) - Math.min(...ys) }
+    : null;
   return {
     label: area === null || area === undefined ? name : `${name} · ${Math.round(area).toLocaleString()} µm²`,
     path: rings.map((ring) => "M" + ring.map((p) => `${p[0]} ${p[1]}`).join("L") + "Z").join(""),
-    box: { x: Math.min(...xs), y: Math.min(...ys), width: Math.max(...xs) - Math.min(...xs), height: Math.max(...ys) - Math.min(...ys) },
+    box,
   };
 }
 
 function zoomTo(index) {
   const feature = state.features[index];
   const base = state.items.base;
-  if (!feature || !base) return;
+  if (!feature || !feature.box || !base) return;
   const { x, y, width, height } = feature.box;
   const side = Math.max(width, height, 1) * ZOOM_MARGIN;
   const rect = new OpenSeadragon.Rect(x + width / 2 - side / 2, y + height / 2 - side / 2, side, side);
