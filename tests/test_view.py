@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from custom.cli import main
+from custom.errors import HoloHistoError
 from custom.view.catalog import Catalog
 from custom.view.dzi import OUTLINE_RGB, DziGeometry, TileNotFound, source_level
 from custom.view.server import ViewServer
@@ -144,6 +145,22 @@ def test_object_count_falls_back_to_the_geojson_without_a_summary(view_outputs, 
         "object_count": len(view_outputs["features"]),
         "glomeruli_per_mm2": None,
     }
+
+
+def test_figures_that_are_not_finite_numbers_are_shown_as_unknown(view_outputs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f"{SYNTH}_pred.tiff").write_bytes((view_outputs["out"] / f"{SYNTH}_pred.tiff").read_bytes())
+    (out / f"{SYNTH}_summary.json").write_text('{"glomerulus_count": 3, "glomeruli_per_mm2_tissue": NaN}')
+    catalog = Catalog(out, view_outputs["slides"])
+    with running(catalog) as srv:
+        (listed,) = get_json(srv, "/api/slides")["slides"]
+    assert listed["metrics"] == {"wsi_dice": None, "object_count": 3, "glomeruli_per_mm2": None}
+
+
+def test_a_port_in_use_is_a_one_line_error(server, view_outputs):
+    with pytest.raises(HoloHistoError, match=r"^cannot serve on 127\.0\.0\.1:\d+: "):
+        ViewServer(Catalog(view_outputs["out"], view_outputs["slides"]), port=server.server_address[1])
 
 
 def test_dzi_descriptors_give_the_level0_size_tile_size_and_format(server):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -117,9 +118,9 @@ class SlideEntry:
     def figures(self) -> dict:
         """The slide list's figures; None where no report or summary gives one."""
         return {
-            "wsi_dice": self.evaluation.get("wsi_dice"),
-            "object_count": self.object_count,
-            "glomeruli_per_mm2": self.summary.get("glomeruli_per_mm2_tissue"),
+            "wsi_dice": _number(self.evaluation.get("wsi_dice")),
+            "object_count": _number(self.object_count),
+            "glomeruli_per_mm2": _number(self.summary.get("glomeruli_per_mm2_tissue")),
         }
 
 
@@ -230,6 +231,12 @@ class Catalog:
         for entry in self.entries.values():
             for image in entry.images.values():
                 image.slide.close()
+
+
+def _number(value) -> float | int | None:
+    """A finite number as is; anything else (a hand-edited NaN, a string) as None."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return value if ok else None
 
 
 def _dicom_folder(folder: Path, root: Path) -> bool:
