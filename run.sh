@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's two commands. Each creates or reuses .venv in the checkout and installs the
-# pinned requirements itself, then:
+# pinned requirements (and, with npm, the viewer's pinned package-lock.json) itself, then:
 #   ./run.sh demo [--out DIR]   the main job: synthetic slides -> train tiny -> segment -> Dice
 #   ./run.sh test               ruff (lint + format check) and the whole test suite
 set -euo pipefail
@@ -16,13 +16,35 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r requirements.txt
     echo "$want" > "$stamp"
 fi
+# The review page's OpenSeadragon: `npm ci` again only when package-lock.json changed.
+npm_stamp=node_modules/.package-lock.sha256
+npm_deps() {
+    local want_lock
+    want_lock=$(sha256sum package-lock.json | cut -d' ' -f1)
+    if [ "$(cat "$npm_stamp" 2>/dev/null)" != "$want_lock" ]; then
+        npm ci --silent --no-audit --no-fund
+        echo "$want_lock" > "$npm_stamp"
+    fi
+}
+# The browser tests drive Debian's chromium (never a browser build downloaded by playwright).
+chromium_dep() {
+    if [ ! -x /usr/bin/chromium ]; then
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo=sudo
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+    fi
+}
 py="$venv/bin/python"
 cmd=${1:-help}
 shift || true
 case "$cmd" in
     demo)
+        if command -v npm >/dev/null; then npm_deps; else echo "note: no npm; 'view' needs npm ci" >&2; fi
         exec "$py" -m custom demo "$@" ;;
     test)
+        npm_deps
+        chromium_dep
         "$venv/bin/ruff" check .
         "$venv/bin/ruff" format --check .
         exec "$py" -m pytest -q "$@" ;;

@@ -1,6 +1,6 @@
 """`python -m custom VERB ...`: the command line over the same code and configs as the bundle.
 
-Verbs: demo, synth, train, segment, evaluate, export. `python -m custom VERB --help` explains each.
+Verbs: demo, synth, train, segment, evaluate, compare, export, view. `python -m custom VERB --help` explains each.
 User errors (a missing slide, a checkpoint that does not match, an unwritable folder) end in one
 line on stderr and exit code 2, never a traceback.
 """
@@ -208,6 +208,30 @@ def export(out_dir: str, model: str | None = None, max_file_mb: float | None = 2
     print(export_bundle(out_dir, model=model, max_file_mb=max_file_mb))
 
 
+def view(
+    out_dir: str,
+    slides: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    report: str | None = None,
+):
+    """Review results in a browser: each slide in deep zoom with its mask, outlines, objects and figures.
+
+    Serves OUT_DIR's <stem>_pred.tiff (+ <stem>.geojson, <stem>_summary.json) over HTTP until Ctrl-C,
+    with each slide <stem>.<ext> found under SLIDES and its <id>_mask.tiff beside it as ground truth.
+
+    Args:
+        out_dir: a `segment` output folder.
+        slides: folder searched recursively for the slides (default: OUT_DIR).
+        host: address to listen on; the default serves this machine only.
+        port: TCP port (0 picks a free one).
+        report: an `evaluate` report folder or its metrics.json (default: one found under OUT_DIR).
+    """
+    from custom.view.server import serve
+
+    serve(out_dir, slides=slides, host=host, port=port, report=report)
+
+
 def main(argv: list[str] | None = None) -> None:
     verbs = {
         "demo": demo,
@@ -217,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         "evaluate": evaluate,
         "compare": compare,
         "export": export,
+        "view": view,
     }
     try:
         fire.Fire(verbs, command=argv, name="python -m custom")

@@ -2,7 +2,8 @@
 
 `export_bundle(out_dir, model)` writes `holohisto_bundle_v<version>.zip` with a top-level
 `holohisto_bundle/` folder: configs, docs, LICENSE, the `custom` code copied in (the repository's
-`holohisto_bundle/custom` is a symlink; the zip holds real files), a requirements.txt written from
+`holohisto_bundle/custom` is a symlink; the zip holds real files), the OpenSeadragon build the review
+page loads (from node_modules/, into custom/view/vendor/), a requirements.txt written from
 metadata.json and, when a trained model is given, `models/model.pt`. Nothing else: no tests, no caches,
 no training runs, no file over the Model Zoo's 25 MB limit. Unzipped anywhere, or fetched with
 `python -m monai.bundle download --name holohisto_bundle --url file://...`, the folder runs with
@@ -24,6 +25,7 @@ import torch
 from custom.bundle import bundle_root
 from custom.checkpoints import CONFIG_KEY, NETWORK_KEY, load_weights, read_checkpoint
 from custom.errors import ConfigError
+from custom.view.assets import vendor_entries
 
 BUNDLE_NAME = "holohisto_bundle"
 ZOO_MAX_FILE_MB = 25.0  # the Model Zoo keeps larger files out of git (Git LFS or large_files.yml)
@@ -63,6 +65,7 @@ def export_bundle(
             raise ConfigError(f"{root / name}: missing; a bundle cannot be exported without it")
     version = json.loads((root / "configs" / "metadata.json").read_text())["version"]
     entries: dict[str, bytes | Path] = {rel: path for rel, path in _bundle_files(root)}
+    entries |= dict(vendor_entries())  # `python -m custom view` needs it; npm is not in the bundle
     entries["requirements.txt"] = requirements_txt(root / "configs" / "metadata.json").encode()
     if model is not None:
         entries["models/model.pt"] = _portable_checkpoint(model)

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 import zipfile
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -99,8 +100,23 @@ def test_custom_code_is_copied_in_byte_for_byte_not_linked(exported):
         rel = info.filename.removeprefix(f"{BUNDLE_NAME}/")
         assert not info.is_dir()
         assert (info.external_attr >> 16) & 0o170000 in (0, 0o100000)  # regular files, never symlinks
+        if rel.startswith("custom/view/vendor/openseadragon/"):  # from npm's node_modules, not from custom/
+            continue
         if rel.startswith("custom/"):
             assert archive.read(info) == (REPO / rel).read_bytes(), rel
+
+
+def test_bundle_carries_the_openseadragon_build_the_review_page_loads(exported):
+    archive = zipfile.ZipFile(exported)
+    vendor = f"{BUNDLE_NAME}/custom/view/vendor/openseadragon"
+    build = REPO / "node_modules" / "openseadragon" / "build" / "openseadragon"
+    assert archive.read(f"{vendor}/openseadragon.min.js") == (build / "openseadragon.min.js").read_bytes()
+    images = {n.rsplit("/", 1)[1] for n in archive.namelist() if n.startswith(f"{vendor}/images/")}
+    assert images == {p.name for p in (build / "images").glob("*.png")} and "home_rest.png" in images
+    assert archive.read(f"{vendor}/LICENSE.txt") == (build.parents[1] / "LICENSE.txt").read_bytes()
+    assert {
+        f"{BUNDLE_NAME}/custom/view/static/{n}" for n in ("index.html", "viewer.js", "viewer.css")
+    } <= set(archive.namelist())
 
 
 def test_exported_model_keeps_weights_and_records_and_drops_training_state(
@@ -243,3 +259,20 @@ def test_downloaded_bundle_trains_and_segments_with_the_repository_out_of_reach(
     assert set(np.unique(mask.read_level(mask.level_count - 1)).tolist()) <= {0, 1}
     assert json.loads((out / f"{stem}.geojson").read_text())["type"] == "FeatureCollection"
     assert (out / f"{stem}_overlay.png").stat().st_size > 0
+
+    # 5. the bundle's own copy serves the review page, OpenSeadragon included, with no npm in reach
+    view = [sys.executable, "-m", "custom", "view", str(out), "--slides", str(slide.parent), "--port", "0"]
+    server = subprocess.Popen(view, cwd=bundle, env=_subprocess_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert "; open http://127.0.0.1:" in line, line
+        url = line.split("; open ", 1)[1].split()[0]
+        for path in ("", "osd/openseadragon.min.js", "osd/images/home_rest.png", "api/slides"):
+            with urllib.request.urlopen(url + path, timeout=60) as response:
+                assert response.status == 200 and response.read(), path
+        with urllib.request.urlopen(url + "api/slides", timeout=60) as response:
+            (listed,) = json.loads(response.read())["slides"]
+        assert listed["name"] == stem and listed["error"] is None and listed["dzi"]["slide"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
