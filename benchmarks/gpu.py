@@ -168,18 +168,6 @@ class TimedNet(nn.Module):
         return y
 
 
-class TimedInferer(WholeSlideInferer):
-    """Counts the seconds of the tile phase (read, infer, clean, stitch); the rest is writing outputs."""
-
-    seconds = 0.0
-
-    def __call__(self, inputs, network, *args, **kwargs):
-        start = time.perf_counter()
-        result = super().__call__(inputs, network, *args, **kwargs)
-        self.seconds = time.perf_counter() - start
-        return result
-
-
 def part_wsi(s: Sizes, work: Path) -> dict:
     start = time.perf_counter()
     (src,) = write_synthetic_slides(
@@ -201,11 +189,13 @@ def part_wsi(s: Sizes, work: Path) -> dict:
     slide = open_slide(big)
     torch.manual_seed(0)
     net = TimedNet(s.net().to(s.device).eval(), s.device)
-    splitter = TissueTileSplitter(patch_size=s.tile_level0, level=0, progress=False)
-    inferer = TimedInferer(splitter, batch_size=1, amp=s.device == "cuda")
+    splitter = TissueTileSplitter(
+        patch_size=s.tile_level0, overlap=s.tile_level0 // 8, level=0, progress=False
+    )
+    inferer = WholeSlideInferer(splitter, batch_size=1, amp=s.device == "cuda")
     reset_peak(s.device)
     outcome = segment_slide(str(big), work / "out", net, inferer, progress=False)
-    grid = -(-height // s.tile_level0) * -(-width // s.tile_level0)
+    grid = splitter.plan(str(big)).grid_tiles
     return {
         "slide_hw": [height, width],
         "backend": slide.backend,
@@ -215,11 +205,10 @@ def part_wsi(s: Sizes, work: Path) -> dict:
         "tiles_tissue": outcome.tissue_tiles,
         "tiles_grid": grid,
         "wall_s": outcome.seconds,
-        "tile_phase_s": inferer.seconds,
+        "stages_s": outcome.timings,
         "network_s": net.seconds,
-        "write_phase_s": outcome.seconds - inferer.seconds,
-        "network_share": net.seconds / outcome.seconds,
-        "objects": outcome.outputs.get("objects"),
+        "ratio_network": outcome.seconds / net.seconds,
+        "objects": outcome.objects,
         "peak_gib": peak_gib(s.device),
         "mask_file_mb": Path(outcome.outputs["pred"]).stat().st_size / 1e6,
     }

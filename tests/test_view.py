@@ -25,7 +25,7 @@ from custom.errors import HoloHistoError
 from custom.view.catalog import Catalog
 from custom.view.dzi import OUTLINE_RGB, DziGeometry, TileNotFound, source_level
 from custom.view.server import ViewServer
-from custom.wsi.geojson import DEFAULT_COLOURS
+from custom.outputs.geojson import DEFAULT_COLOURS
 from custom.wsi.pyramid import write_pyramid
 from custom.wsi.reader import open_mask, open_slide
 

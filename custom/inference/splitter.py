@@ -16,6 +16,7 @@ touch tissue, and reads their tiles ahead on a pool of threads while the network
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,8 @@ from custom.data.tissue import TissueCache, TissueMask, thumbnail_level
 from custom.errors import ConfigError
 from custom.wsi.reader import open_slide
 
-DEFAULT_READERS = 2  # reader threads; cuCIM and OpenSlide release the GIL while decoding
+# Reader threads: cuCIM and OpenSlide release the GIL while decoding, so a GPU host's cores read ahead.
+DEFAULT_READERS = max(2, min(8, (os.cpu_count() or 2) // 2))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from custom.wsi.geojson import DEFAULT_COLOURS
+from custom.outputs.geojson import DEFAULT_COLOURS
 from custom.wsi.reader import Slide
 
 TILE_PX = 254  # with a 1-px overlap on both sides a tile is 256 px, the usual DZI choice
