@@ -39,13 +39,16 @@ from custom.networks import build_network  # noqa: E402
 from custom.synth import write_synthetic_slides  # noqa: E402
 from custom.wsi.reader import open_mask  # noqa: E402
 
-CHOICES = [  # (name, overlap px at the inference level, blend)
-    ("no overlap", 0, "crop"),
-    ("crop 32", 32, "crop"),
-    ("crop 64", 64, "crop"),
-    ("gaussian 64", 64, "gaussian"),
-    ("crop 128", 128, "crop"),
-    ("gaussian 128", 128, "gaussian"),
+CHOICES = [  # (name, tile as a multiple of the training patch, overlap px at the inference level, blend)
+    ("no overlap", 1, 0, "crop"),
+    ("crop 32", 1, 32, "crop"),
+    ("crop 64", 1, 64, "crop"),
+    ("gaussian 64", 1, 64, "gaussian"),
+    ("crop 128", 1, 128, "crop"),
+    ("gaussian 128", 1, 128, "gaussian"),
+    # stride 256 = the tokenizer's window: every tile tokenizes a pixel inside the same window
+    ("crop 256", 1, 256, "crop"),
+    ("2x tile, crop 256", 2, 256, "crop"),
 ]
 OBJECT_SCALE = 4  # objects compared at 1/4 of level 0
 BLOCK_PX = 4096
@@ -128,8 +131,8 @@ def main() -> None:
         for slide in slides:
             truth = slide.with_name(slide.name.replace("_wsi", "_mask"))
             base = None
-            for name, overlap, blend in CHOICES:
-                splitter = TissueTileSplitter(patch_size=tile, overlap=overlap, level=level, progress=False)
+            for name, scale, overlap, blend in CHOICES:
+                splitter = TissueTileSplitter(patch_size=tile * scale, overlap=overlap, level=level, progress=False)
                 inferer = WholeSlideInferer(splitter, batch_size=4, blend=blend)
                 out = work / "pred" / name.replace(" ", "_")
                 start = time.perf_counter()

@@ -53,6 +53,8 @@ class LocalLabels:
 
 def label_cell(labels: np.ndarray) -> tuple[LocalLabels, np.ndarray, np.ndarray]:
     """Label one cell: (summary, foreground labels, background labels), OpenCV's deterministic numbering."""
+    if not labels.any():  # most cells: one background component, and no labelling to pay for
+        return _empty_cell(labels.shape)
     fg = (labels > 0).view(np.uint8) if labels.dtype == np.bool_ else (labels > 0).astype(np.uint8)
     nf, lf, sf, _ = cv2.connectedComponentsWithStats(fg, connectivity=8, ltype=cv2.CV_32S)
     nb, lb, sb, _ = cv2.connectedComponentsWithStats(1 - fg, connectivity=4, ltype=cv2.CV_32S)
@@ -72,6 +74,22 @@ def label_cell(labels: np.ndarray) -> tuple[LocalLabels, np.ndarray, np.ndarray]
         bg_edges=_edges(lb),
     )
     return summary, lf, lb
+
+
+def _empty_cell(shape) -> tuple[LocalLabels, np.ndarray, np.ndarray]:
+    h, w = shape
+    zeros, ones = np.broadcast_to(np.int32(0), shape), np.broadcast_to(np.int32(1), shape)  # no full arrays
+    summary = LocalLabels(
+        fg_count=0,
+        fg_area=np.zeros(0, np.int64),
+        fg_box=np.zeros((0, 4), np.int64),
+        fg_seed=np.zeros((0, 2), np.int64),
+        bg_count=1,
+        bg_area=np.array([h * w], np.int64),
+        fg_edges=_edges(zeros),
+        bg_edges=_edges(ones),
+    )
+    return summary, zeros, ones
 
 
 def _edges(lab: np.ndarray) -> dict:

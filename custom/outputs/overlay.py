@@ -42,7 +42,7 @@ def draw_rings(
 def write_png(path: str | Path, image: np.ndarray) -> Path:
     """Save an RGB picture as PNG atomically."""
     with atomic_write(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
+        Image.fromarray(image).save(tmp, format="PNG", compress_level=1)  # 1: ~5x faster than 6, ~20 % larger
     return Path(path)
 
 
