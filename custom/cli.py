@@ -1,6 +1,6 @@
 """`python -m custom VERB ...`: the command line over the same code and configs as the bundle.
 
-Verbs: demo, synth, train, segment, evaluate, export. `python -m custom VERB --help` explains each.
+Verbs: demo, synth, train, segment, evaluate, compare, export. `python -m custom VERB --help` explains each.
 User errors (a missing slide, a checkpoint that does not match, an unwritable folder) end in one
 line on stderr and exit code 2, never a traceback.
 """
@@ -154,23 +154,31 @@ def evaluate(
     out: str,
     patch_sizes: str = "4096",
     num_classes: int = 2,
+    class_names: str | dict | None = None,
 ):
-    """Score predicted masks against whole-slide ground truth; write metrics.json, CSV, Markdown and a plot.
+    """Score predicted masks against ground truth; write metrics.json, CSV, Markdown and a plot.
 
-    Pairs PRED_DIR/<id>_wsi_pred.tiff with <id>_mask.tiff found anywhere under GT_DIR (KPIs class
-    folders give the class). Per slide: patch Dice on a grid of tissue patches, streaming
-    whole-slide Dice, the official KPIs task-2 protocol, object precision/recall/F1 and count error.
+    Whole slides: pairs PRED_DIR/<id>_wsi_pred.tiff with <id>_mask.tiff found anywhere under GT_DIR
+    (KPIs class folders give the class). Per slide: patch Dice on a grid of tissue patches,
+    streaming whole-slide Dice, the KPIs task-2 scoring of the mask as submitted (kpis_*) and after
+    the example pipeline's extra steps (kpis_example_*), object precision/recall/F1 and count error.
+    KPIs task-1 patches (GT_DIR = <class>/<case>/img|mask/*.jpg): the task-1 Dice of every
+    <name>_pred.png in PRED_DIR, by class.
 
     Args:
-        pred_dir: folder of <stem>_pred.tiff masks (from `segment`).
-        gt_dir: folder (searched recursively) of <id>_mask.tiff ground truth.
+        pred_dir: folder of <stem>_pred.tiff masks (from `segment`), or <name>_pred.png patches.
+        gt_dir: folder (searched recursively) of <id>_mask.tiff ground truth, or a task-1 folder.
         out: report folder.
         patch_sizes: patch-level Dice sizes in level-0 pixels, e.g. "1024,2048,4096".
         num_classes: label values 0..num_classes-1 (more than 2 adds per-class Dice).
+        class_names: names of the labels for the per-class columns: '{1: "tuft", 2: "capsule"}' or a
+            JSON file holding that mapping (a datalist's "labels" entry works).
     """
     from custom.evaluate import evaluate_folders
 
-    report = evaluate_folders(pred_dir, gt_dir, out, patch_sizes=patch_sizes, num_classes=num_classes)
+    report = evaluate_folders(
+        pred_dir, gt_dir, out, patch_sizes=patch_sizes, num_classes=num_classes, class_names=class_names
+    )
     print(f"report: {Path(out) / 'metrics.json'}")
     if report["errors"]:
         sys.exit(1)
@@ -184,7 +192,7 @@ def compare(metrics_a: str, metrics_b: str, key: str = "wsi_dice"):
         metrics_b: metrics.json of method B (or its report folder).
         key: the per-slide figure: wsi_dice, patch_dice, kpis_dice, kpis_f1, instance_f1, ...
     """
-    from custom.evaluate import compare as compare_reports
+    from custom.metrics.compare import compare as compare_reports
 
     result = compare_reports(metrics_a, metrics_b, key)
     p = result["p_value"]
