@@ -1,6 +1,6 @@
 """`python -m custom VERB ...`: the command line over the same code and configs as the bundle.
 
-Verbs: demo, synth, train, segment, evaluate, compare, export. `python -m custom VERB --help` explains each.
+Verbs: demo, synth, train, segment, evaluate, compare, kpis-export, export. `python -m custom VERB --help` explains each.
 User errors (a missing slide, a checkpoint that does not match, an unwritable folder) end in one
 line on stderr and exit code 2, never a traceback.
 """
@@ -184,6 +184,34 @@ def evaluate(
         sys.exit(1)
 
 
+def kpis_export(
+    pred_dir: str, out_dir: str, gt: str | None = None, masks: bool = False, overwrite: bool = False
+):
+    """Write segment's predictions as the KPIs challenge's 20X masks: OUT_DIR/<class>/pred/<id>_pred_final.png.
+
+    Each <id>_wsi_pred.tiff is resampled to 20X as the organisers' script resamples (order-1 zoom by
+    1/2; "NEP25" in the path: native 20X, kept as is) and thresholded at 128 of 255 (0/255 grey PNG):
+    the mask `evaluate` scores as kpis_*. The names follow the organisers' example output.
+
+    Args:
+        pred_dir: folder of <stem>_pred.tiff masks (from `segment`).
+        out_dir: folder to write <class>/pred/<id>_pred_final.png into.
+        gt: the KPIs task-2 folder: gives each slide its class (and NEP25 rule) and checks its size.
+        masks: also write the ground truth at 20X, <class>/mask/<id>_mask.png (needs --gt).
+        overwrite: redo masks that exist.
+    """
+    from custom.kpis_export import export_kpis
+
+    written, errors = export_kpis(pred_dir, out_dir, gt_dir=gt, masks=masks, overwrite=overwrite)
+    for path in written:
+        print(path)
+    for error in errors:
+        print(f"error: {error}")
+    print(f"{len(written)} file(s) written, {len(errors)} error(s); masks in {out_dir}")
+    if errors:
+        sys.exit(1)
+
+
 def compare(metrics_a: str, metrics_b: str, key: str = "wsi_dice"):
     """Wilcoxon signed-rank test of one per-slide figure between two evaluation reports.
 
@@ -224,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         "segment": segment,
         "evaluate": evaluate,
         "compare": compare,
+        "kpis_export": kpis_export,
         "export": export,
     }
     try:
