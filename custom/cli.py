@@ -37,8 +37,14 @@ def synth(
     glomerulus_um: tuple[float, float] = (60.0, 250.0),
     decoys: bool = False,
     prefix: str = "synth",
+    neptune: bool = False,
+    roi_px: int = 3000,
 ):
     """Write synthetic kidney slides: <id>_wsi.tiff (pyramidal JPEG TIFF, 0.25 um/px) and <id>_mask.tiff.
+
+    With --neptune: NEPTUNE-style ROIs instead, roi_<seed>_wsi.tiff with a six-class label map
+    roi_<seed>_mask.tiff (tuft, capsule, proximal tubule, distal tubule, tubule lumen, interstitium)
+    and the datalist neptune.json (see custom/synth/neptune.py).
 
     Args:
         out_dir: folder to write into (created if missing).
@@ -49,7 +55,14 @@ def synth(
         glomerulus_um: (min, max) glomerulus diameter in micrometres (mouse ~60-100, human ~150-250).
         decoys: add context decoys: glomerulus-like objects labelled 0 inside a medulla-like region.
         prefix: slide ids are <prefix>_<seed>.
+        neptune: write NEPTUNE-style multi-class ROIs (count, seed and roi_px apply).
+        roi_px: side of each NEPTUNE-style ROI in pixels.
     """
+    if neptune:
+        from custom.synth.neptune import write_neptune_rois
+
+        print(f"datalist: {write_neptune_rois(out_dir, count=count, seed=seed, side=roi_px)}")
+        return
     from custom.synth import write_synthetic_slides
 
     for result in write_synthetic_slides(
