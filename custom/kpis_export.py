@@ -75,7 +75,7 @@ def export_kpis(
             if not overwrite and all(p.exists() for p in outputs):
                 logger.info("%s: exists, kept (overwrite=True to redo)", target)
                 continue
-            factor = downsample_factor(source) if truth else downsample_factor(pred)
+            factor = downsample_factor(source)
             written += _export_slide(pred, truth, factor, outputs)
         except (HoloHistoError, OSError, ValueError) as err:
             logger.error("%s: not exported: %s", sid, err)
