@@ -124,6 +124,23 @@ def test_kpis_f1_as_script_replays_the_in_place_contour_shift():
     assert all(np.array_equal(a, b) for a, b in zip(before, preds + gts, strict=True))  # on copies
 
 
+def test_kpis_f1_as_script_can_also_lose_a_true_match():
+    gt = np.zeros((400, 400), np.uint8)
+    gt[325:330, 200:330] = 255  # G1: an L whose bounding box overlaps G2's ...
+    gt[250:330, 325:330] = 255
+    gt[240:260, 220:240] = 255  # ... G2
+    pred = np.zeros_like(gt)
+    pred[240:260, 220:240] = 1  # P: exactly G2
+    gts = kpis.object_contours(gt)
+    assert kpis._boxes(gts[:1]).tolist() == [[199, 330, 249, 330]]  # OpenCV lists G1 first
+    result = kpis.kpis_task2(pred, gt, 1, min_object_px=1)
+    # geometric: P matches G2, G1 is missed: P 1, R 1/2
+    assert (result.precision, result.recall) == (1.0, 0.5) and result.f1 == pytest.approx(2 / 3)
+    # the script compares P with G1 first (boxes overlap, IoU 0), which moves P ~200 px towards the
+    # origin; then P's box no longer meets G2's, so nothing matches at all
+    assert result.f1_as_script == 0.0
+
+
 def test_kpis_resampling_matches_scipy_zoom_band_by_band():
     rng = np.random.default_rng(1)
     mask = (ndi.gaussian_filter(rng.random((101, 77)), 3) > 0.5).astype(np.uint8)

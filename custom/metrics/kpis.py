@@ -20,9 +20,10 @@ default figures (`dice`, `precision`, `recall`, `f1`) score a stitched mask as s
    it; precision, recall, F1 from those counts, F1 0 when both are 0 (both masks empty included).
 
 Contour IoU: ours is the geometric IoU of the two filled contours. The script's IoU function
-shifts both contour arrays in place, so every later comparison sees moved contours (often near the
-origin, where they overlap more), which inflates its F1. `f1_as_script` replays that: the same
-comparisons in the same order on copies that are shifted as the script shifts them.
+shifts both contour arrays in place, so every later comparison sees moved contours: unrelated
+contours moved near the origin can match (F1 up), and a contour moved by an earlier non-matching
+comparison can miss its true partner (F1 down). `f1_as_script` replays that: the same comparisons
+in the same order on copies that are shifted as the script shifts them.
 
 `example_*` figures add the example pipeline's two prediction steps to our mask before scoring:
 the vote filter (a pixel needs more than one of the overlapping tiles; every tile's "prediction" is
