@@ -49,7 +49,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from custom.evaluate import compare  # noqa: E402
+from custom.metrics.compare import compare  # noqa: E402
 from custom.wsi.reader import open_mask  # noqa: E402
 
 CONFIGS = REPO / "holohisto_bundle" / "configs"

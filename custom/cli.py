@@ -1,6 +1,7 @@
 """`python -m custom VERB ...`: the command line over the same code and configs as the bundle.
 
-Verbs: demo, synth, train, segment, evaluate, compare, export, view. `python -m custom VERB --help` explains each.
+Verbs: demo, synth, train, segment, evaluate, compare, kpis-export, export, view. `python -m custom VERB --help`
+explains each.
 User errors (a missing slide, a checkpoint that does not match, an unwritable folder) end in one
 line on stderr and exit code 2, never a traceback.
 """
@@ -37,8 +38,14 @@ def synth(
     glomerulus_um: tuple[float, float] = (60.0, 250.0),
     decoys: bool = False,
     prefix: str = "synth",
+    neptune: bool = False,
+    roi_px: int = 3000,
 ):
     """Write synthetic kidney slides: <id>_wsi.tiff (pyramidal JPEG TIFF, 0.25 um/px) and <id>_mask.tiff.
+
+    With --neptune: NEPTUNE-style ROIs instead, roi_<seed>_wsi.tiff with a six-class label map
+    roi_<seed>_mask.tiff (tuft, capsule, proximal tubule, distal tubule, tubule lumen, interstitium)
+    and the datalist neptune.json (see custom/synth/neptune.py).
 
     Args:
         out_dir: folder to write into (created if missing).
@@ -49,7 +56,14 @@ def synth(
         glomerulus_um: (min, max) glomerulus diameter in micrometres (mouse ~60-100, human ~150-250).
         decoys: add context decoys: glomerulus-like objects labelled 0 inside a medulla-like region.
         prefix: slide ids are <prefix>_<seed>.
+        neptune: write NEPTUNE-style multi-class ROIs (count, seed and roi_px apply).
+        roi_px: side of each NEPTUNE-style ROI in pixels.
     """
+    if neptune:
+        from custom.synth.neptune import write_neptune_rois
+
+        print(f"datalist: {write_neptune_rois(out_dir, count=count, seed=seed, side=roi_px)}")
+        return
     from custom.synth import write_synthetic_slides
 
     for result in write_synthetic_slides(
@@ -154,25 +168,61 @@ def evaluate(
     out: str,
     patch_sizes: str = "4096",
     num_classes: int = 2,
+    class_names: str | dict | None = None,
 ):
-    """Score predicted masks against whole-slide ground truth; write metrics.json, CSV, Markdown and a plot.
+    """Score predicted masks against ground truth; write metrics.json, CSV, Markdown and a plot.
 
-    Pairs PRED_DIR/<id>_wsi_pred.tiff with <id>_mask.tiff found anywhere under GT_DIR (KPIs class
-    folders give the class). Per slide: patch Dice on a grid of tissue patches, streaming
-    whole-slide Dice, the official KPIs task-2 protocol, object precision/recall/F1 and count error.
+    Whole slides: pairs PRED_DIR/<id>_wsi_pred.tiff with <id>_mask.tiff found anywhere under GT_DIR
+    (KPIs class folders give the class). Per slide: patch Dice on a grid of tissue patches,
+    streaming whole-slide Dice, the KPIs task-2 scoring of the mask as submitted (kpis_*) and after
+    the example pipeline's extra steps (kpis_example_*), object precision/recall/F1 and count error.
+    KPIs task-1 patches (GT_DIR = <class>/<case>/img|mask/*.jpg): the task-1 Dice of every
+    <name>_pred.png in PRED_DIR, by class.
 
     Args:
-        pred_dir: folder of <stem>_pred.tiff masks (from `segment`).
-        gt_dir: folder (searched recursively) of <id>_mask.tiff ground truth.
+        pred_dir: folder of <stem>_pred.tiff masks (from `segment`), or <name>_pred.png patches.
+        gt_dir: folder (searched recursively) of <id>_mask.tiff ground truth, or a task-1 folder.
         out: report folder.
         patch_sizes: patch-level Dice sizes in level-0 pixels, e.g. "1024,2048,4096".
         num_classes: label values 0..num_classes-1 (more than 2 adds per-class Dice).
+        class_names: names of the labels for the per-class columns: '{1: "tuft", 2: "capsule"}' or a
+            JSON file holding that mapping (a datalist's "labels" entry works).
     """
     from custom.evaluate import evaluate_folders
 
-    report = evaluate_folders(pred_dir, gt_dir, out, patch_sizes=patch_sizes, num_classes=num_classes)
+    report = evaluate_folders(
+        pred_dir, gt_dir, out, patch_sizes=patch_sizes, num_classes=num_classes, class_names=class_names
+    )
     print(f"report: {Path(out) / 'metrics.json'}")
     if report["errors"]:
+        sys.exit(1)
+
+
+def kpis_export(
+    pred_dir: str, out_dir: str, gt: str | None = None, masks: bool = False, overwrite: bool = False
+):
+    """Write segment's predictions as the KPIs challenge's 20X masks: OUT_DIR/<class>/pred/<id>_pred_final.png.
+
+    Each <id>_wsi_pred.tiff is resampled to 20X as the organisers' script resamples (order-1 zoom by
+    1/2; "NEP25" in the path: native 20X, kept as is) and thresholded at 128 of 255 (0/255 grey PNG):
+    the mask `evaluate` scores as kpis_*. The names follow the organisers' example output.
+
+    Args:
+        pred_dir: folder of <stem>_pred.tiff masks (from `segment`).
+        out_dir: folder to write <class>/pred/<id>_pred_final.png into.
+        gt: the KPIs task-2 folder: gives each slide its class (and NEP25 rule) and checks its size.
+        masks: also write the ground truth at 20X, <class>/mask/<id>_mask.png (needs --gt).
+        overwrite: redo masks that exist.
+    """
+    from custom.kpis_export import export_kpis
+
+    written, errors = export_kpis(pred_dir, out_dir, gt_dir=gt, masks=masks, overwrite=overwrite)
+    for path in written:
+        print(path)
+    for error in errors:
+        print(f"error: {error}")
+    print(f"{len(written)} file(s) written, {len(errors)} error(s); masks in {out_dir}")
+    if errors:
         sys.exit(1)
 
 
@@ -184,7 +234,7 @@ def compare(metrics_a: str, metrics_b: str, key: str = "wsi_dice"):
         metrics_b: metrics.json of method B (or its report folder).
         key: the per-slide figure: wsi_dice, patch_dice, kpis_dice, kpis_f1, instance_f1, ...
     """
-    from custom.evaluate import compare as compare_reports
+    from custom.metrics.compare import compare as compare_reports
 
     result = compare_reports(metrics_a, metrics_b, key)
     p = result["p_value"]
@@ -240,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         "segment": segment,
         "evaluate": evaluate,
         "compare": compare,
+        "kpis_export": kpis_export,
         "export": export,
         "view": view,
     }

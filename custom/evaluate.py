@@ -4,7 +4,8 @@
 same slide under a ground-truth folder (KPIs class folders work), scores every pair and writes
 `metrics.json`, `per_slide.csv`, `summary.md` and `dice_per_slide.png` (see `custom.metrics.report`).
 A file without its partner, or a slide that cannot be scored, is an entry under "errors" in the
-report; the other slides go on. `compare` tests two reports' per-slide figures against each other.
+report; the other slides go on. A KPIs task-1 folder (<class>/<case>/img|mask/*.jpg) as ground
+truth is scored patch by patch instead (`custom.evaluate_patches`).
 
 Per slide, level 0 of both masks is read twice: once block by block for the patch and whole-slide
 Dice (which also samples the masks for the instance metrics), and once band by band by the KPIs
@@ -13,10 +14,8 @@ protocol, which needs its own order-1 resampling.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,26 +23,28 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from custom.data.datalists import KPIS_CLASSES, MASK_SUFFIX, SLIDE_EXTENSIONS, _kpis_class, _stem, slide_id
+from custom.data.datalists import (
+    KPIS_CLASSES,
+    MASK_SUFFIX,
+    SLIDE_EXTENSIONS,
+    _kpis_class,
+    _stem,
+    natural_key,
+    slide_id,
+)
 from custom.data.tissue import TissueCache
 from custom.errors import ConfigError, HoloHistoError, SlideError
-from custom.metrics.instances import instance_scores
-from custom.metrics.kpis import kpis_task2, remove_small_components
+from custom.evaluate_patches import evaluate_patch_folders, is_patch_layout
+from custom.metrics.instances import INSTANCE_UM_PER_PX, MaskSampler, instance_factor, instance_scores
+from custom.metrics.kpis import downsample_factor, kpis_task2, remove_small_components
 from custom.metrics.patches import BLOCK_PX, DEFAULT_PATCH_PX, count_grid, patch_dice, tissue_patches
-from custom.metrics.report import build_report, class_table, write_reports
-from custom.metrics.stats import wilcoxon_p
+from custom.metrics.report import build_report, class_table, error_entry, parse_class_names, write_reports
 from custom.wsi.reader import open_mask, open_slide
 
 logger = logging.getLogger(__name__)
 
 PRED_SUFFIX = "_pred"
 MASK_EXTENSIONS = (".tiff", ".tif")
-# Instance metrics run on both masks sampled every `factor` level-0 pixels: the coarsest power of
-# two that keeps pixels at most 2 um wide, so a 60-um mouse glomerulus still spans 30 pixels ...
-INSTANCE_UM_PER_PX = 2.0
-# ... unless the sampled masks would exceed this many pixels (128 Mpx: ~1.3 GB with both label
-# images), in which case the factor doubles until they fit, whatever the slide size.
-MAX_INSTANCE_PX = 2**27
 # Components smaller than this (both masks) are not objects: a 16-um disc is far below any
 # glomerulus (mouse ~60 um across, ~3,000 um2) but well above the specks a noisy mask leaves.
 INSTANCE_MIN_UM2 = 200.0
@@ -71,16 +72,20 @@ def evaluate_folders(
     instance_um_per_px: float = INSTANCE_UM_PER_PX,
     instance_min_um2: float = INSTANCE_MIN_UM2,
     progress: bool = True,
+    class_names: dict | str | None = None,
 ) -> dict:
     """Score every <stem>_pred.tiff in PRED_DIR against its <id>_mask.tiff under GT_DIR; write a report.
 
     A slide <id>_wsi.tiff has the ground truth <id>_mask.tiff, searched recursively, so KPIs
     task-2 folders (<class>/<id>_wsi.tiff + <id>_mask.tiff) work and each slide gets its class.
     Per slide: patch-level Dice (the mean over a fixed grid of tissue patches), whole-slide Dice
-    (full resolution, streamed), the official KPIs task-2 figures (Dice, precision, recall, F1),
-    glomerulus detection precision/recall/F1 at IoU >= 0.5 and the count error; per-label Dice
-    for multi-class masks. A prediction without ground truth, a ground truth without prediction
-    and a slide that cannot be read are listed under "errors"; the rest are still scored.
+    (full resolution, streamed), the KPIs task-2 figures of the mask as submitted (Dice,
+    precision, recall, F1, F1 with the script's contour shift) and after the example pipeline's
+    vote and small-object removal (kpis_example_*), glomerulus detection precision/recall/F1 at
+    IoU >= 0.5 and the count error; per-label Dice for multi-class masks. A prediction without
+    ground truth, a ground truth without prediction and a slide that cannot be read are listed
+    under "errors"; the rest are still scored. A KPIs task-1 folder as GT_DIR (no <id>_mask.tiff,
+    <class>/<case>/img/*_img.jpg patches) is scored patch by patch with the task-1 protocol.
 
     Writes REPORT_DIR/metrics.json, per_slide.csv, summary.md (by class, patch- against WSI-level
     Dice) and dice_per_slide.png.
@@ -97,8 +102,12 @@ def evaluate_folders(
         instance_min_um2: components smaller than this area (um^2) are not counted as objects
             in either mask (0 counts every speck).
         progress: show a progress bar over slides.
+        class_names: {label: name} for the per-label columns, or a JSON file holding that
+            mapping (a datalist's "labels" entry works).
     """
     pred_dir, gt_dir, out_dir = Path(pred_dir), Path(gt_dir), Path(out_dir)
+    if is_patch_layout(gt_dir):
+        return evaluate_patch_folders(pred_dir, gt_dir, out_dir, progress=_flag(progress))
     sizes = parse_patch_sizes(patch_sizes)
     if int(num_classes) < 2:
         raise ConfigError(f"num_classes must be at least 2 (background + one class), got {num_classes}")
@@ -114,7 +123,7 @@ def evaluate_folders(
             )
         except Exception as err:  # one bad slide never stops the evaluation; it is reported by name
             logger.error("%s: not scored: %s", pair.slide, err)
-            errors.append(_error(pair.slide, _reason(err), pair.prediction, pair.ground_truth))
+            errors.append(error_entry(pair.slide, _reason(err), pair.prediction, pair.ground_truth))
     settings = {
         "pred_dir": str(pred_dir.resolve()),
         "gt_dir": str(gt_dir.resolve()),
@@ -123,6 +132,7 @@ def evaluate_folders(
         "num_classes": int(num_classes),
         "instance_um_per_px": float(instance_um_per_px),
         "instance_min_um2": float(instance_min_um2),
+        "class_names": parse_class_names(class_names),
     }
     report = build_report(slides, errors, settings)
     write_reports(out_dir, report)
@@ -164,21 +174,21 @@ def pair_folders(pred_dir: Path, gt_dir: Path) -> tuple[list[SlidePair], list[di
         if path.name.lower().endswith(SLIDE_EXTENSIONS):
             images.setdefault(slide_id(path), path)
     pairs = []
-    for sid in sorted((set(predictions) | set(truths)) - ambiguous, key=_natural):
+    for sid in sorted((set(predictions) | set(truths)) - ambiguous, key=natural_key):
         pred, truth = predictions.get(sid), truths.get(sid)
         if truth is None:
             errors.append(
-                _error(sid, f"no ground truth: {sid}{MASK_SUFFIX}.tiff not found under {gt_dir}", pred)
+                error_entry(sid, f"no ground truth: {sid}{MASK_SUFFIX}.tiff not found under {gt_dir}", pred)
             )
         elif pred is None:
             errors.append(
-                _error(
+                error_entry(
                     sid, f"no prediction: {sid}_wsi{PRED_SUFFIX}.tiff not found in {pred_dir}", None, truth
                 )
             )
         else:
             pairs.append(SlidePair(sid, _kpis_class(truth, gt_dir), pred, truth, images.get(sid)))
-    pairs.sort(key=lambda p: (_class_rank(p.class_name), _natural(p.slide)))
+    pairs.sort(key=lambda p: (_class_rank(p.class_name), natural_key(p.slide)))
     return pairs, errors
 
 
@@ -209,7 +219,8 @@ def score_slide(
         unit = math.lcm(min(patch_sizes), factor)
         block_px = math.ceil(BLOCK_PX / unit) * unit
         cells = count_grid(pred, gt, min(patch_sizes), num_classes, block_px=block_px, on_block=sampled)
-        kpis = kpis_task2(pred, gt, pair.class_name)
+        kpis_factor = downsample_factor(pair.ground_truth)  # the script: "NEP25" in the path: 20X already
+        kpis = kpis_task2(pred, gt, kpis_factor)
 
     record = {"slide": pair.slide, "class": pair.class_name}
     totals = cells.total()
@@ -227,14 +238,7 @@ def score_slide(
             f"patches_scored_{size}": result.scored,
             f"patches_empty_{size}": result.empty,
         }
-    record |= {
-        "kpis_dice": kpis.dice,
-        "kpis_precision": kpis.precision,
-        "kpis_recall": kpis.recall,
-        "kpis_f1": kpis.f1,
-        "kpis_n_pred": kpis.n_pred,
-        "kpis_n_gt": kpis.n_gt,
-    }
+    record |= kpis.record() | {"kpis_downsample": kpis_factor}
     min_px = math.ceil(instance_min_um2 / (factor * mpp_x) ** 2)
     objects = instance_scores(*(remove_small_components(m, min_px) for m in (sampled.pred, sampled.gt)))
     record |= {
@@ -254,88 +258,6 @@ def score_slide(
         "seconds": round(time.perf_counter() - start, 2),
     }
     return record
-
-
-def compare(metrics_a: str | Path, metrics_b: str | Path, key: str = "wsi_dice") -> dict:
-    """Wilcoxon signed-rank test of one per-slide figure between two evaluation reports.
-
-    Slides are paired by slide id; slides in only one report, or without a value for `key` in
-    either, are left out and listed. The p-value is two-sided (scipy.stats.wilcoxon); it is None
-    with fewer than two pairs or when every pair ties.
-
-    Args:
-        metrics_a: metrics.json of method A, or the report folder holding it.
-        metrics_b: metrics.json of method B, or the report folder holding it.
-        key: the per-slide figure to compare: wsi_dice, patch_dice, kpis_dice, kpis_f1,
-            instance_f1, patch_dice_1024, ...
-    """
-    a, b = _load_slides(metrics_a), _load_slides(metrics_b)
-    for path, slides in ((metrics_a, a), (metrics_b, b)):
-        if slides and not any(key in s for s in slides.values()):
-            keys = sorted({k for s in slides.values() for k, v in s.items() if isinstance(v, (int, float))})
-            raise ConfigError(f"{path}: no per-slide figure named {key!r}; it has {', '.join(keys)}")
-    common = sorted(set(a) & set(b), key=_natural)
-    paired = [(sid, a[sid].get(key), b[sid].get(key)) for sid in common]
-    missing = [sid for sid, va, vb in paired if not _is_number(va) or not _is_number(vb)]
-    values = np.array([(va, vb) for _, va, vb in paired if _is_number(va) and _is_number(vb)], float)
-    values = values.reshape(-1, 2)
-    diff = values[:, 0] - values[:, 1]
-    p = wilcoxon_p(values[:, 0], values[:, 1]) if len(values) else float("nan")
-    return {
-        "key": key,
-        "n_pairs": len(values),
-        "mean_a": float(values[:, 0].mean()) if len(values) else None,
-        "mean_b": float(values[:, 1].mean()) if len(values) else None,
-        "mean_difference": float(diff.mean()) if len(values) else None,
-        "a_better": int((diff > 0).sum()),
-        "b_better": int((diff < 0).sum()),
-        "ties": int((diff == 0).sum()),
-        "p_value": None if math.isnan(p) else p,
-        "only_in_a": sorted(set(a) - set(b), key=_natural),
-        "only_in_b": sorted(set(b) - set(a), key=_natural),
-        "missing_value": missing,
-    }
-
-
-class MaskSampler:
-    """Both masks sampled every `factor` level-0 pixels, collected from the blocks of one pass.
-
-    Each sample is the level-0 pixel at the centre of its `factor` x `factor` cell, the same rule
-    for prediction and truth, whatever their pyramid levels were built with (our predictions'
-    levels are max-pooled, which would swell objects and merge neighbours).
-    """
-
-    def __init__(self, shape: tuple[int, int], factor: int):
-        self.factor = int(factor)
-        self.offset = self.factor // 2
-        rows = len(range(self.offset, shape[0], self.factor))
-        cols = len(range(self.offset, shape[1], self.factor))
-        self.pred = np.zeros((rows, cols), bool)
-        self.gt = np.zeros((rows, cols), bool)
-
-    def __call__(self, y: int, x: int, pred_block: np.ndarray, gt_block: np.ndarray) -> None:
-        f, o = self.factor, self.offset
-        if y % f or x % f:
-            raise ValueError(f"block origin ({y}, {x}) is not on the {f}-px sampling grid")
-        for target, block in ((self.pred, pred_block), (self.gt, gt_block)):
-            sample = block[o::f, o::f] > 0  # binary: detection counts glomeruli of any label
-            target[y // f : y // f + sample.shape[0], x // f : x // f + sample.shape[1]] = sample
-
-
-def instance_factor(
-    shape: tuple[int, int],
-    mpp: float,
-    target_um_per_px: float = INSTANCE_UM_PER_PX,
-    max_px: int = MAX_INSTANCE_PX,
-) -> int:
-    """The level-0 sampling step for instance metrics: the largest power of two whose pixels stay
-    at most `target_um_per_px` wide, doubled while the sampled mask would exceed `max_px` pixels."""
-    factor = 1
-    while mpp * factor * 2 <= target_um_per_px * (1 + 1e-6):
-        factor *= 2
-    while math.ceil(shape[0] / factor) * math.ceil(shape[1] / factor) > max_px:
-        factor *= 2
-    return factor
 
 
 def parse_patch_sizes(patch_sizes) -> tuple[int, ...]:
@@ -396,7 +318,7 @@ def _index(paths, key_of, what: str, errors: list[dict], ambiguous: set[str]) ->
         else:
             ambiguous.add(sid)
             listed = ", ".join(str(p) for p in paths_of)
-            errors.append(_error(sid, f"{len(paths_of)} {what} for one slide, not scored: {listed}"))
+            errors.append(error_entry(sid, f"{len(paths_of)} {what} for one slide, not scored: {listed}"))
     return index
 
 
@@ -409,43 +331,10 @@ def _flag(value) -> bool:
     )
 
 
-def _error(sid: str, reason: str, prediction: Path | None = None, ground_truth: Path | None = None) -> dict:
-    return {
-        "slide": sid,
-        "error": reason,
-        "prediction": str(prediction) if prediction else None,
-        "ground_truth": str(ground_truth) if ground_truth else None,
-    }
-
-
 def _reason(err: BaseException) -> str:
     text = str(err) if isinstance(err, HoloHistoError) else f"{type(err).__name__}: {err}"
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _load_slides(path: str | Path) -> dict[str, dict]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such metrics file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not a metrics.json ({err})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("slides"), list):
-        raise ConfigError(f"{path}: has no 'slides' list; pass an evaluation report's metrics.json")
-    return {str(s["slide"]): s for s in data["slides"] if isinstance(s, dict) and "slide" in s}
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _class_rank(name: str | None) -> tuple[int, str]:
     return (KPIS_CLASSES.index(name), "") if name in KPIS_CLASSES else (len(KPIS_CLASSES), name or "")
-
-
-def _natural(text: str) -> list:
-    """Sort key that puts slide_9 before slide_10."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]

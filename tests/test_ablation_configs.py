@@ -48,7 +48,7 @@ def test_ablation_override_builds_its_network_on_the_tiny_training_config(overri
         assert (network.token_path, network.config["attention"]) == (token_path, attention)
         assert network.config["vit_widths"] == [48, 64]  # still the tiny preset
     assert parser.get_parsed_content("patch_size") == [side, side]
-    assert parser.get_parsed_content("patch_level") == 1
+    assert parser.get_parsed_content("patch_mpp") == 0.5  # the tiny preset reads 0.5 um/px (20X)
 
 
 @pytest.mark.parametrize("override", sorted(set(NETWORK_ROWS) - {"ablation_tile_sampler.json"}))

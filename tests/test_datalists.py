@@ -81,3 +81,23 @@ def test_split_is_by_slide_stratified_by_class_and_reproducible():
     assert {it["class"] for it in split["validation"]} == {"56Nx", "DN"}
     assert split == split_by_slide(items, val_fraction=0.2, seed=3)
     assert split_by_slide(items[:2], val_fraction=0.2)["validation"]  # two slides: one is held out
+
+
+def test_both_published_spellings_of_56nx_are_one_class(tmp_path):
+    # the organisers' README layouts say 56NX/img/ and 56NX/mask/; the data's folders say 56Nx
+    _touch(tmp_path / "56NX" / "img" / "12_116_wsi.tiff")
+    _touch(tmp_path / "56NX" / "mask" / "12_116_mask.tiff")
+    _touch(tmp_path / "56Nx" / "12_117_wsi.tiff")
+    _touch(tmp_path / "56Nx" / "12_117_mask.tiff")
+    items = discover_kpis_slides(tmp_path)
+    assert [it["class"] for it in items] == ["56Nx", "56Nx"]
+    assert items[0]["label"].endswith("56NX/mask/12_116_mask.tiff")
+
+
+def test_a_task1_patch_folder_is_a_training_dataset_dir(tmp_path):
+    for n in (1, 2):
+        _touch(tmp_path / "NEP25" / "case7" / "img" / f"case7_{n}_img.jpg")
+        _touch(tmp_path / "NEP25" / "case7" / "mask" / f"case7_{n}_mask.jpg")
+    items = load_items(dataset_dir=str(tmp_path))
+    assert len(items) == 2 and {it["case"] for it in items} == {"case7"}
+    assert all(it["image"].endswith("_img.jpg") and it["class"] == "NEP25" for it in items)

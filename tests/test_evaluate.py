@@ -17,7 +17,8 @@ from PIL import Image
 from scipy import stats
 
 from custom.errors import ConfigError
-from custom.evaluate import compare, evaluate_folders
+from custom.evaluate import evaluate_folders
+from custom.metrics.compare import compare
 from custom.metrics.instances import instance_scores
 from custom.metrics.kpis import kpis_task2
 from custom.metrics.patches import count_grid, patch_dice
@@ -133,16 +134,20 @@ def test_removed_glomerulus_lowers_dice_recall_and_count_by_the_right_amounts(ev
     assert (s["instance_downsample"], s["instance_um_per_px"]) == (8, 2.0)
 
 
-def test_kpis_figures_follow_the_official_protocol_per_class(evaluated):
+def test_kpis_figures_score_the_mask_as_submitted_and_the_example_pipeline_beside_it(evaluated):
     report, _, truth, _ = evaluated
     s = _slides(report)
     gt = truth["synth_21"]
-    full, halved = kpis_task2(gt, gt, "NEP25"), kpis_task2(gt, gt, "56Nx")
-    # The same exact prediction: NEP25 is scored at full resolution, 56Nx at half, where a
-    # 2048 x 1536 slide is one 2048-px tile per axis, so no pixel gets the two votes it needs.
-    assert (s["nep_21"]["kpis_dice"], s["nep_21"]["kpis_f1"]) == (full.dice, full.f1)
-    assert (s["synth_21"]["kpis_dice"], s["synth_21"]["kpis_f1"]) == (halved.dice, halved.f1)
-    assert full.dice > 0.5 and halved.dice == 0.0
+    full, halved = kpis_task2(gt, gt, 1), kpis_task2(gt, gt, 2)
+    # The same exact prediction: under NEP25/ it is scored at full resolution, elsewhere at half
+    for sid, expected, factor in (("nep_21", full, 1), ("synth_21", halved, 2)):
+        assert {k: s[sid][k] for k in expected.record()} == pytest.approx(expected.record()), sid
+        assert s[sid]["kpis_downsample"] == factor
+    # as submitted, an exact prediction scores as one; the example pipeline's vote needs two tiles,
+    # and a 2048 x 1536 half-resolution slide is one 2048-px tile per axis, so it keeps nothing
+    assert halved.dice > 0.95 and halved.f1 == 1.0 and halved.n_pred == halved.n_gt > 0
+    assert halved.example_dice == 0.0 and halved.example_n_pred == 0
+    assert full.dice == 1.0 and full.example_dice > 0.5
     assert s["nep_21"]["class"] == "NEP25" and s["synth_23"]["class"] == "DN"
 
 
@@ -180,7 +185,10 @@ def test_report_files_hold_the_same_numbers(evaluated):
     saved = json.loads((out_dir / "metrics.json").read_text())
     assert saved["slides"] == report["slides"] and saved["summary"] == report["summary"]
     for record in saved["slides"]:
-        for key in ("slide", "class", "patch_dice", "wsi_dice", "kpis_dice", "kpis_precision", "kpis_recall"):
+        for key in (
+            "slide", "class", "patch_dice", "wsi_dice", "kpis_dice", "kpis_precision", "kpis_recall",
+            "kpis_f1_as_script", "kpis_example_dice", "kpis_example_f1",
+        ):  # fmt: skip
             assert key in record
     with open(out_dir / "per_slide.csv", newline="") as f:
         rows = {r["slide"]: r for r in csv.DictReader(f)}

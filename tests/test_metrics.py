@@ -49,48 +49,96 @@ def test_kpis_tile_origins_follow_the_official_formula():
 
 def test_kpis_both_masks_empty_gives_dice_one_and_f1_zero():
     empty = np.zeros((16, 16), np.uint8)
-    result = kpis.kpis_task2(empty, empty, "NEP25", TILE, STRIDE, min_object_px=1)
+    result = kpis.kpis_task2(empty, empty, 1, TILE, STRIDE, min_object_px=1)
     # Dice is defined as 1.0 for two empty masks; the organisers' F1 divides 0 by 0 and reports 0.
-    assert (result.dice, result.precision, result.recall, result.f1) == (1.0, 0.0, 0.0, 0.0)
+    assert (result.dice, result.precision, result.recall, result.f1, result.f1_as_script) == (1, 0, 0, 0, 0)
+    assert (result.example_dice, result.example_f1) == (1.0, 0.0)
 
 
 def test_kpis_empty_prediction_scores_zero():
     gt = np.zeros((16, 16), np.uint8)
     gt[5:9, 5:9] = 255
-    result = kpis.kpis_task2(np.zeros_like(gt), gt, "NEP25", TILE, STRIDE, min_object_px=1)
+    result = kpis.kpis_task2(np.zeros_like(gt), gt, 1, TILE, STRIDE, min_object_px=1)
     # no predicted pixel: Dice = 0 / 16; no prediction contour: precision 0, the one gt missed: recall 0
     assert (result.dice, result.precision, result.recall, result.f1) == (0.0, 0.0, 0.0, 0.0)
     assert (result.n_pred, result.n_gt) == (0, 1)
 
 
-def test_kpis_small_component_is_removed_before_dice():
+def test_kpis_small_objects_are_removed_only_in_the_example_figures():
     pred = np.zeros((16, 16), np.uint8)
     pred[4:7, 4:7] = 1  # 9 px, kept (min 5)
-    pred[10, 10] = 1  # 1 px, in the 4-vote centre, removed as too small
+    pred[10, 10] = 1  # 1 px, in the 4-vote centre, removed by the example's 5-px removal
     gt = np.zeros_like(pred)
     gt[4:7, 4:7] = 1
-    result = kpis.kpis_task2(pred, gt, "NEP25", TILE, STRIDE, min_object_px=5)
-    # without the removal Dice would be 2*9/(10+9) = 0.947; with it the masks are identical
-    assert result.dice == 1.0
-    assert (result.precision, result.recall, result.f1) == (1.0, 1.0, 1.0)
-    kept = kpis.kpis_task2(pred, gt, "NEP25", TILE, STRIDE, min_object_px=1)
-    assert kept.dice == pytest.approx(18 / 19)
-    # the stray pixel is a second predicted object matching nothing: precision 1/2, recall 1/1
-    assert (kept.precision, kept.recall) == (0.5, 1.0)
-    assert kept.f1 == pytest.approx(2 * 0.5 / 1.5)
+    result = kpis.kpis_task2(pred, gt, 1, TILE, STRIDE, min_object_px=5)
+    # as submitted the stray pixel stays: Dice 2*9/(10+9); a second object matching nothing: P 1/2
+    assert result.dice == pytest.approx(18 / 19)
+    assert (result.precision, result.recall, result.n_pred) == (0.5, 1.0, 2)
+    assert result.f1 == pytest.approx(2 * 0.5 / 1.5)
+    # the example pipeline's removal leaves the masks identical
+    assert (result.example_dice, result.example_precision, result.example_recall) == (1.0, 1.0, 1.0)
+    assert result.example_n_pred == 1
 
 
-def test_kpis_one_vote_is_dropped_two_votes_are_kept():
+def test_kpis_corner_object_counts_as_submitted_and_is_dropped_by_the_example_vote():
     pred = np.zeros((16, 16), np.uint8)
-    pred[1:3, 1:3] = 1  # top-left corner: covered by one tile -> 1 vote -> dropped
-    pred[1:3, 6:8] = 1  # top edge, middle columns: two tiles -> 2 votes -> kept
+    pred[1:3, 1:3] = 1  # top-left corner: covered by one tile -> 1 vote
+    pred[1:3, 6:8] = 1  # top edge, middle columns: two tiles -> 2 votes
     gt = pred.copy()
-    result = kpis.kpis_task2(pred, gt, "NEP25", TILE, STRIDE, min_object_px=1)
-    # kept 4 of the 8 true pixels: Dice 2*4/(4+8); one of two objects found, and it is right
-    assert result.dice == pytest.approx(8 / 12)
-    assert (result.n_pred, result.n_gt) == (1, 2)
-    assert (result.precision, result.recall) == (1.0, 0.5)
-    assert result.f1 == pytest.approx(2 / 3)
+    result = kpis.kpis_task2(pred, gt, 1, TILE, STRIDE, min_object_px=1)
+    # scored as submitted, the correct corner object is found like any other
+    assert (result.dice, result.precision, result.recall, result.f1) == (1.0, 1.0, 1.0, 1.0)
+    assert (result.n_pred, result.n_gt) == (2, 2)
+    # the example's vote keeps 4 of the 8 true pixels: Dice 2*4/(4+8); one of two objects found
+    assert result.example_dice == pytest.approx(8 / 12)
+    assert (result.example_n_pred, result.example_precision, result.example_recall) == (1, 1.0, 0.5)
+    assert result.example_f1 == pytest.approx(2 / 3)
+
+
+def test_kpis_vote_filter_equals_counting_every_tile():
+    rng = np.random.default_rng(4)
+    pred = rng.random((40, 52)) > 0.5
+    votes = np.zeros(pred.shape, np.int32)
+    for y in kpis.tile_origins(40, TILE, STRIDE):
+        for x in kpis.tile_origins(52, TILE, STRIDE):
+            votes[y : y + TILE, x : x + TILE] += pred[y : y + TILE, x : x + TILE]
+    assert np.array_equal(kpis.vote_filter(pred, TILE, STRIDE), votes > 1)
+
+
+def test_kpis_f1_as_script_replays_the_in_place_contour_shift():
+    gt = np.zeros((200, 200), np.uint8)
+    gt[10:30, 10:30] = 255  # G1
+    gt[100:120, 100:120] = 255  # G2, the same shape elsewhere
+    pred = np.zeros_like(gt)
+    pred[10:30, 10:30] = 1  # P1: exactly G1
+    pred[107:112, 107:112] = 1  # P2: a speck inside G2 (IoU ~0.05), G2 itself is missed
+    result = kpis.kpis_task2(pred, gt, 1, min_object_px=1)
+    # geometric: P1 matches G1, P2 matches nothing, G2 is missed: P = R = 1/2
+    assert (result.precision, result.recall, result.f1) == (0.5, 0.5, 0.5)
+    # the script: P1 vs G1 moves both to the canvas origin; P2 vs G2 (no match) moves G2 there too,
+    # where it lies exactly on the moved P1, so G2 counts as found: P 1/2, R 1, F1 2/3
+    assert result.f1_as_script == pytest.approx(2 / 3)
+    preds, gts = kpis.object_contours(pred), kpis.object_contours(gt)
+    before = [c.copy() for c in preds + gts]
+    assert kpis.detection_scores_as_script(preds, gts) == pytest.approx((0.5, 1.0, 2 / 3))
+    assert all(np.array_equal(a, b) for a, b in zip(before, preds + gts, strict=True))  # on copies
+
+
+def test_kpis_f1_as_script_can_also_lose_a_true_match():
+    gt = np.zeros((400, 400), np.uint8)
+    gt[325:330, 200:330] = 255  # G1: an L whose bounding box overlaps G2's ...
+    gt[250:330, 325:330] = 255
+    gt[240:260, 220:240] = 255  # ... G2
+    pred = np.zeros_like(gt)
+    pred[240:260, 220:240] = 1  # P: exactly G2
+    gts = kpis.object_contours(gt)
+    assert kpis._boxes(gts[:1]).tolist() == [[199, 330, 249, 330]]  # OpenCV lists G1 first
+    result = kpis.kpis_task2(pred, gt, 1, min_object_px=1)
+    # geometric: P matches G2, G1 is missed: P 1, R 1/2
+    assert (result.precision, result.recall) == (1.0, 0.5) and result.f1 == pytest.approx(2 / 3)
+    # the script compares P with G1 first (boxes overlap, IoU 0), which moves P ~200 px towards the
+    # origin; then P's box no longer meets G2's, so nothing matches at all
+    assert result.f1_as_script == 0.0
 
 
 def test_kpis_resampling_matches_scipy_zoom_band_by_band():
@@ -105,7 +153,16 @@ def test_kpis_resampling_matches_scipy_zoom_band_by_band():
 
     expected = ndi.zoom(mask * 255, 0.5, order=1)
     assert np.array_equal(kpis.zoom_order1(BandedMask(), 2, band_rows=10), expected)
-    assert kpis.downsample_factor("NEP25") == 1 and kpis.downsample_factor("56Nx") == 2
+    assert np.array_equal(kpis.zoom_order1(BandedMask(), 1, band_rows=10), mask * 255)
+
+
+def test_kpis_class_is_read_from_the_path_as_the_script_reads_it():
+    # "NEP25" anywhere in the path means native 20X (no resampling); anything else is halved
+    assert kpis.downsample_factor("/data/KPIs/NEP25/img/08_368_01_wsi.tiff") == 1
+    assert kpis.downsample_factor("/data/val/NEP25_08_368_01_mask.tiff") == 1
+    assert kpis.downsample_factor("NEP25") == 1
+    for path in ("/data/KPIs/56Nx/12_116_mask.tiff", "/data/KPIs/56NX/img/12_116.tiff", "nep25/x", None):
+        assert kpis.downsample_factor(path) == 2
 
 
 def test_kpis_ground_truth_counts_only_fully_foreground_pixels_after_zoom():
@@ -116,7 +173,7 @@ def test_kpis_ground_truth_counts_only_fully_foreground_pixels_after_zoom():
     strict = zoomed == 255
     assert 0 < strict.sum() < (zoomed > 0).sum()
     pred = np.repeat(np.repeat(strict, 2, axis=0), 2, axis=1).astype(np.uint8)
-    result = kpis.kpis_task2(pred, gt, "56Nx", TILE, STRIDE, min_object_px=1)
+    result = kpis.kpis_task2(pred, gt, 2, TILE, STRIDE, min_object_px=1)
     assert result.dice == pytest.approx(1.0)
 
 

@@ -173,6 +173,7 @@ def test_train_task_overrides_its_ids_and_starts_from_the_bundled_weights(
         "network_config": {"name": "holohisto", "preset": "tiny", "num_classes": 2},
         "patch_size": PATCH,
         "patch_level": LEVEL,
+        "patch_mpp": None,
         "samples_per_epoch": 2,
         "batch_size": 2,
         "val_patches": 1,

@@ -43,7 +43,9 @@ def test_training_learns_and_saves_checkpoints_that_rebuild_their_network(kpis_f
     # 48 steps of the tiny net already separate glomeruli from tubules on these slides
     assert evaluator.state.best_metric > 0.5
     best = read_checkpoint(tmp_path / "model.pt")
-    assert best["input_config"] == {"patch_size": [256, 256], "patch_level": 1, "patch_mpp": None}
+    assert best["input_config"] == {
+        "patch_size": [256, 256], "patch_level": None, "patch_mpp": 0.5, "class_names": {"1": "Glomerulus"},
+    }  # fmt: skip
     net = build_network(best["network_config"])
     net.load_state_dict(best["network"])  # strict: the record rebuilds exactly this network
     final = read_checkpoint(tmp_path / "final.pt")

@@ -8,6 +8,7 @@ from training into validation.
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import numpy as np
 from custom.errors import ConfigError
 
 KPIS_CLASSES = ("56Nx", "DN", "NEP25", "normal")
+# The data's folders spell the first class 56Nx; the organisers' README layouts spell it 56NX.
+CLASS_SPELLINGS = {"56NX": "56Nx"}
+TASK1_IMAGE_GLOB = "img/*_img.jpg"
 WSI_SUFFIX = "_wsi"
 MASK_SUFFIX = "_mask"
 SLIDE_EXTENSIONS = (".tiff", ".tif", ".svs", ".ndpi", ".mrxs", ".scn", ".dcm")
@@ -25,6 +29,11 @@ def slide_id(path: str | Path) -> str:
     """`<id>` of `<id>_wsi.tiff` (KPIs naming); otherwise the file name without its extension."""
     stem = _stem(Path(path))
     return stem[: -len(WSI_SUFFIX)] if stem.endswith(WSI_SUFFIX) else stem
+
+
+def natural_key(text: str) -> list:
+    """Sort key that puts slide_9 before slide_10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
 def load_datalist(path: str | Path, key: str | None = None, require_labels: bool = True) -> list[dict]:
@@ -98,7 +107,7 @@ def discover_kpis_patches(root: str | Path) -> list[dict]:
     if not root.is_dir():
         raise ConfigError(f"{root}: dataset folder not found")
     items = []
-    for image in sorted(root.rglob("img/*_img.jpg")):
+    for image in sorted(root.rglob(TASK1_IMAGE_GLOB)):
         mask = image.parent.parent / "mask" / image.name.replace("_img.jpg", "_mask.jpg")
         case_dir = image.parent.parent
         item = {"image": str(image.resolve()), "case": case_dir.name}
@@ -114,10 +123,13 @@ def discover_kpis_patches(root: str | Path) -> list[dict]:
 
 
 def load_items(dataset_dir: str | None = None, datalist: str | None = None, require_labels: bool = True):
-    """The config's entry point: a JSON datalist if given, else a KPIs-layout folder."""
+    """The config's entry point: a JSON datalist if given, else a KPIs-layout folder (task-2 slides,
+    or task-1 patches when the folder holds no slide)."""
     if datalist:
         return load_datalist(datalist, require_labels=require_labels)
     if dataset_dir:
+        if is_patch_folder(dataset_dir) and not any(Path(dataset_dir).rglob(f"*{WSI_SUFFIX}.*")):
+            return discover_kpis_patches(dataset_dir)
         return discover_kpis_slides(dataset_dir, require_labels=require_labels)
     raise ConfigError("no data: pass dataset_dir (a KPIs-layout folder) or datalist (a JSON file)")
 
@@ -165,10 +177,21 @@ def _checked(items: list[dict], source: str, require_labels: bool) -> list[dict]
     return items
 
 
+def is_patch_folder(root: str | Path) -> bool:
+    """Whether a folder holds KPIs task-1 patches (<class>/<case>/img/*_img.jpg)."""
+    return Path(root).is_dir() and next(Path(root).rglob(TASK1_IMAGE_GLOB), None) is not None
+
+
+def kpis_class(name: str) -> str | None:
+    """The KPIs class a folder name stands for, in the data's spelling (56NX and 56Nx are one class)."""
+    name = CLASS_SPELLINGS.get(name, name)
+    return name if name in KPIS_CLASSES else None
+
+
 def _kpis_class(path: Path, root: Path) -> str | None:
     for parent in [path, *path.parents]:
-        if parent.name in KPIS_CLASSES:
-            return parent.name
+        if kpis_class(parent.name):
+            return kpis_class(parent.name)
         if parent == root:
             break
     return None

@@ -4,10 +4,14 @@ Both yield {"image": (3, h, w) uint8, "label": (1, h, w) uint8} with the label r
 slide's whole-slide mask at the same physical place and size. Reading is MONAI's
 `PatchWSIDataset` (a thin subclass adds the mask read); the random sampler is a MONAI
 `IterableDataset` because its supply of patches has no end and no fixed list of locations.
+By `patch_mpp`, every slide is read at the level of that physical scale (`custom.data.scale`).
+The random and fixed samplers also take image items (KPIs task-1 JPEG patches, PNG ROIs), see
+`custom.data.image_patches`. Two classes binarise the labels (> 0); more keep them (0..C-1).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Sequence
@@ -18,10 +22,14 @@ from monai.data import IterableDataset, MetaTensor, PatchWSIDataset
 from monai.transforms import apply_transform
 from monai.utils import ensure_tuple_rep
 
-from custom.data.tiling import grid_locations, resolve_level
+from custom.data.image_patches import draw_image_patch, is_image_item, read_image_patch
+from custom.data.scale import level_for_item, resize_factor
+from custom.data.tiling import grid_locations
 from custom.data.tissue import TissueCache
 from custom.errors import ConfigError
 from custom.wsi.reader import HoloWSIReader, open_mask, open_slide
+
+logger = logging.getLogger(__name__)
 
 # Foreground-oversampling draws centres from a thumbnail of the label mask no larger than this.
 LABEL_THUMBNAIL_SIDE_PX = 2048
@@ -55,10 +63,11 @@ class LabelledPatchWSIDataset(PatchWSIDataset):
     """MONAI's PatchWSIDataset whose label is the same region of the item's whole-slide mask.
 
     Items: {"image": slide, "label": mask, "location": [y, x] (level-0 top-left),
-    "size": [h, w], "level": L, optional "class"}. `binarize` maps any mask value > 0 to 1.
+    "size": [h, w], "level": L, optional "class"}, or drawn image items. With two classes any
+    mask value > 0 is 1; with more the values are the classes and must be below `num_classes`.
     """
 
-    def __init__(self, data, transform=None, binarize: bool = True, reader=None):
+    def __init__(self, data, transform=None, num_classes: int = 2, reader=None):
         super().__init__(
             data,
             patch_size=None,
@@ -68,17 +77,26 @@ class LabelledPatchWSIDataset(PatchWSIDataset):
             center_location=False,
             reader=reader or HoloWSIReader(),
         )
-        self.binarize = binarize
+        if int(num_classes) < 2:
+            raise ConfigError(f"num_classes must be at least 2 (background + one class), got {num_classes}")
+        self.num_classes = int(num_classes)
         self._masks: dict[str, object] = {}
 
     def read(self, sample: dict) -> dict:
         """Image and label patch of one item, through the transform."""
-        image, metadata = self._get_data(sample)
-        out = {
-            "image": MetaTensor(image, meta=metadata),
-            "label": self._get_label(sample),
-            "class": sample.get("class", ""),
-        }
+        if is_image_item(sample):
+            image, label, location = read_image_patch(sample, self.num_classes)
+            meta = {
+                "path": sample["image"],
+                "location": location,
+                "size": sample["size"],
+                "scale": sample["scale"],
+            }
+            image, label = MetaTensor(torch.from_numpy(image), meta=meta), torch.from_numpy(label)[None]
+        else:
+            image, metadata = self._get_data(sample)
+            image, label = MetaTensor(image, meta=metadata), self._get_label(sample)
+        out = {"image": image, "label": label, "class": sample.get("class", "")}
         return apply_transform(self.transform, out) if self.transform else out
 
     def _transform(self, index: int):
@@ -92,8 +110,13 @@ class LabelledPatchWSIDataset(PatchWSIDataset):
         region = read_label_region(
             self._masks[mask_path], slide, sample["location"], self._get_size(sample), self._get_level(sample)
         )
-        if self.binarize:
+        if self.num_classes == 2:
             region = region > 0
+        elif region.size and int(region.max()) >= self.num_classes:
+            raise ConfigError(
+                f"{mask_path}: holds label {int(region.max())} but num_classes is {self.num_classes} "
+                f"(labels 0..{self.num_classes - 1})"
+            )
         return torch.from_numpy(np.ascontiguousarray(region, dtype=np.uint8))[None]
 
 
@@ -103,12 +126,13 @@ class RandomTissuePatchDataset(IterableDataset):
     Args:
         data: items {"image": slide, "label": mask, optional "class"}.
         patch_size: (h, w) at the read level; 4096 x 4096 by default.
-        patch_level / patch_mpp: the level to read, or the mpp to pick it by (one of them).
+        patch_level / patch_mpp: the level to read, or the mpp to pick it by (mpp wins when both are set).
         samples_per_epoch: patches per epoch over all ranks; `len()` is this rank's share.
         backend: "auto" (per file, see custom.wsi.reader) or a slide backend forced for every slide.
         foreground_ratio: fraction of patches centred on a labelled pixel instead of on tissue.
         seed: the same seed gives the same patches; streams differ per rank and per worker.
         tissue: a `TissueCache` (or its settings as a dict).
+        num_classes: 2 binarises the labels; more keeps label values 0..num_classes-1.
     """
 
     def __init__(
@@ -122,7 +146,7 @@ class RandomTissuePatchDataset(IterableDataset):
         seed: int = 0,
         transform=None,
         tissue: TissueCache | dict | None = None,
-        binarize: bool = True,
+        num_classes: int = 2,
         backend: str = "auto",
     ):
         if not data:
@@ -130,6 +154,7 @@ class RandomTissuePatchDataset(IterableDataset):
         if not 0.0 <= foreground_ratio <= 1.0:
             raise ConfigError(f"foreground_ratio must be in [0, 1], got {foreground_ratio}")
         super().__init__(data=list(data), transform=None)
+        _check_scale(patch_level, patch_mpp)
         self.patch_size = tuple(int(s) for s in ensure_tuple_rep(patch_size, 2))
         self.patch_level, self.patch_mpp = patch_level, patch_mpp
         self.samples_per_epoch = int(samples_per_epoch)
@@ -138,7 +163,7 @@ class RandomTissuePatchDataset(IterableDataset):
         self.tissue = tissue if isinstance(tissue, TissueCache) else TissueCache(**(tissue or {}))
         self.backend = backend
         self.reader = LabelledPatchWSIDataset(
-            [], transform=transform, binarize=binarize, reader=HoloWSIReader(slide_backend=backend)
+            [], transform=transform, num_classes=num_classes, reader=HoloWSIReader(slide_backend=backend)
         )
         self._rng: np.random.Generator | None = None
         self._slides: dict[str, tuple] = {}
@@ -159,6 +184,9 @@ class RandomTissuePatchDataset(IterableDataset):
     def draw(self, rng: np.random.Generator) -> dict:
         """One patch location: a slide, then a centre on its tissue (or on its labels)."""
         item = self.data[int(rng.integers(len(self.data)))]
+        if is_image_item(item):
+            scale = resize_factor(item, self.patch_level, self.patch_mpp)
+            return draw_image_patch(item, rng, self.patch_size, scale, self.foreground_ratio)
         slide, level, tissue, labelled = self._slide_info(item)
         ds = slide.downsamples[level]
         if labelled is not None and rng.random() < self.foreground_ratio:
@@ -191,7 +219,7 @@ class RandomTissuePatchDataset(IterableDataset):
         with self._lock:
             if key not in self._slides:
                 slide = open_slide(key, self.backend)
-                level = resolve_level(slide, self.patch_level, self.patch_mpp)
+                level = level_for_item(slide, item, self.patch_level, self.patch_mpp)
                 tissue = self.tissue.get(slide)
                 if tissue.empty:
                     raise ConfigError(f"{key}: no tissue found, so no training patches can be drawn from it")
@@ -238,14 +266,19 @@ class TilePatchDataset(LabelledPatchWSIDataset):
         min_tissue_fraction: float = 0.05,
         transform=None,
         tissue: TissueCache | dict | None = None,
-        binarize: bool = True,
+        num_classes: int = 2,
     ):
+        _check_scale(patch_level, patch_mpp)
         size = tuple(int(s) for s in ensure_tuple_rep(patch_size, 2))
         cache = tissue if isinstance(tissue, TissueCache) else TissueCache(**(tissue or {}))
         items = []
         for item in data:
+            if is_image_item(item):
+                raise ConfigError(
+                    f"{item['image']}: the tile sampler cuts slides; train image patches by the random sampler"
+                )
             slide = open_slide(item["image"])
-            level = resolve_level(slide, patch_level, patch_mpp)
+            level = level_for_item(slide, item, patch_level, patch_mpp)
             tissue_mask = cache.get(slide)
             ds = slide.downsamples[level]
             size0 = (round(size[0] * ds), round(size[1] * ds))
@@ -255,7 +288,13 @@ class TilePatchDataset(LabelledPatchWSIDataset):
                     items.append({**item, "location": list(loc0), "size": list(size), "level": level})
         if not items:
             raise ConfigError("the tile sampler found no tile with enough tissue in any slide")
-        super().__init__(items, transform=transform, binarize=binarize)
+        super().__init__(items, transform=transform, num_classes=num_classes)
+
+
+def _check_scale(level, mpp) -> None:
+    if level is not None and mpp is not None:
+        # inference resolves the recorded pair the same way (mpp first), so training must too
+        logger.warning("patch_level %s is ignored: patches are read at patch_mpp %s um/px", level, mpp)
 
 
 def _world() -> tuple[int, int]:
@@ -281,7 +320,7 @@ class FixedTissuePatchDataset(LabelledPatchWSIDataset):
         seed: int = 0,
         transform=None,
         tissue: TissueCache | dict | None = None,
-        binarize: bool = True,
+        num_classes: int = 2,
     ):
         if not data:
             raise ConfigError(
@@ -296,4 +335,4 @@ class FixedTissuePatchDataset(LabelledPatchWSIDataset):
             seed=seed,
             tissue=tissue,
         )
-        super().__init__(sampler.fixed_items(count), transform=transform, binarize=binarize)
+        super().__init__(sampler.fixed_items(count), transform=transform, num_classes=num_classes)

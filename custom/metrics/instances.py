@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -9,6 +10,12 @@ from scipy import ndimage as ndi
 
 # 8-connectivity: diagonal touches join one glomerulus, as in the KPIs protocol's OpenCV labelling.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+# Instance metrics run on both masks sampled every `factor` level-0 pixels: the coarsest power of
+# two that keeps pixels at most 2 um wide, so a 60-um mouse glomerulus still spans 30 pixels ...
+INSTANCE_UM_PER_PX = 2.0
+# ... unless the sampled masks would exceed this many pixels (128 Mpx: ~1.3 GB with both label
+# images), in which case the factor doubles until they fit, whatever the slide size.
+MAX_INSTANCE_PX = 2**27
 
 
 @dataclass
@@ -66,3 +73,44 @@ def _count_matches(pred_labels, n_pred, gt_labels, n_gt, iou_threshold) -> int:
             used_pred.add(p)
             used_gt.add(g)
     return len(used_pred)
+
+
+class MaskSampler:
+    """Both masks sampled every `factor` level-0 pixels, collected from the blocks of one pass.
+
+    Each sample is the level-0 pixel at the centre of its `factor` x `factor` cell, the same rule
+    for prediction and truth, whatever their pyramid levels were built with (our predictions'
+    levels are max-pooled, which would swell objects and merge neighbours).
+    """
+
+    def __init__(self, shape: tuple[int, int], factor: int):
+        self.factor = int(factor)
+        self.offset = self.factor // 2
+        rows = len(range(self.offset, shape[0], self.factor))
+        cols = len(range(self.offset, shape[1], self.factor))
+        self.pred = np.zeros((rows, cols), bool)
+        self.gt = np.zeros((rows, cols), bool)
+
+    def __call__(self, y: int, x: int, pred_block: np.ndarray, gt_block: np.ndarray) -> None:
+        f, o = self.factor, self.offset
+        if y % f or x % f:
+            raise ValueError(f"block origin ({y}, {x}) is not on the {f}-px sampling grid")
+        for target, block in ((self.pred, pred_block), (self.gt, gt_block)):
+            sample = block[o::f, o::f] > 0  # binary: detection counts glomeruli of any label
+            target[y // f : y // f + sample.shape[0], x // f : x // f + sample.shape[1]] = sample
+
+
+def instance_factor(
+    shape: tuple[int, int],
+    mpp: float,
+    target_um_per_px: float = INSTANCE_UM_PER_PX,
+    max_px: int = MAX_INSTANCE_PX,
+) -> int:
+    """The level-0 sampling step for instance metrics: the largest power of two whose pixels stay
+    at most `target_um_per_px` wide, doubled while the sampled mask would exceed `max_px` pixels."""
+    factor = 1
+    while mpp * factor * 2 <= target_um_per_px * (1 + 1e-6):
+        factor *= 2
+    while math.ceil(shape[0] / factor) * math.ceil(shape[1] / factor) > max_px:
+        factor *= 2
+    return factor

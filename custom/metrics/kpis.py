@@ -1,36 +1,47 @@
-"""The KPIs 2024 challenge's own evaluation, step for step.
+"""The KPIs 2024 challenge's scoring, read from the organisers' task-2 example and task-1 validator.
 
-Task 2 (whole slide), as the organisers' `unet_validation_slide.py` scores a slide:
+Task 2 (whole slide). The organisers' `unet_validation_slide.py` (hrlblab/KPIs2024), which their
+README calls "your inference code", does two things: it *predicts* (zoom the slide to 20X, run
+2048-px tiles at a 1024-px stride, keep pixels more than one tile voted for, drop objects under
+20,000 px) and then it *scores* that 20X mask. A mask we submit has been predicted already, so the
+default figures (`dice`, `precision`, `recall`, `f1`) score a stitched mask as submitted:
 
-1. resample the slide by 1/2 with an order-1 zoom (`scipy.ndimage.zoom`), except class NEP25 (1/1);
-2. cut the resampled slide into 2048-px tiles with a 1024-px stride, the last tile on each axis
-   flush with the far edge;
-3. add up the binary tile predictions and keep the pixels with more than one vote;
-4. remove 8-connected components under 20,000 pixels;
-5. Dice against the resampled ground truth, 1.0 when both are empty;
-6. detection precision / recall / F1: OpenCV contours of both masks, a prediction is a true
-   positive when its filled contour has IoU >= 0.5 with some ground-truth contour.
+1. resample to 20X as the script resamples: `scipy.ndimage.zoom(order=1)` by 1/2, except when
+   "NEP25" appears anywhere in the path (those slides are native 20X: 1/1); computed band by band
+   with scipy's coordinate map, equal to the whole-array zoom;
+2. threshold: the zoomed prediction is foreground at >= 128 of 255, the binarisation the script's
+   `sodelete` applies (`cv2.threshold(x * 255, 127)`); the zoomed truth is read as the script
+   reads it back from its PNG: foreground for Dice only where it is 255 (the script casts the 0..1
+   floats to int8), foreground for contours where it is > 0;
+3. Dice, 1.0 when both masks are empty;
+4. detection: OpenCV contours (RETR_TREE, CHAIN_APPROX_SIMPLE) of the inverted masks, the first
+   one (the frame) dropped; a predicted contour is a true positive when its filled area has
+   IoU >= 0.5 with any true contour, a true contour is missed when no predicted one reaches 0.5 with
+   it; precision, recall, F1 from those counts, F1 0 when both are 0 (both masks empty included).
 
-Where the organisers' script does something surprising we keep it, because leaderboard numbers
-depend on it, and say so: ground-truth pixels count for Dice only where the zoomed mask is still
-fully foreground (they read it back as float and cast to int8), but count for contours where it
-is above 0; the first contour (the frame of the inverted image) is dropped; precision and recall
-share the prediction-side true-positive count; F1 is 0 when both masks are empty.
-One deliberate deviation: their contour IoU shifts contour arrays in place, so later comparisons
-see moved contours; we compute the IoU that code intends, on unmodified contours.
+Contour IoU: ours is the geometric IoU of the two filled contours. The script's IoU function
+shifts both contour arrays in place, so every later comparison sees moved contours: unrelated
+contours moved near the origin can match (F1 up), and a contour moved by an earlier non-matching
+comparison can miss its true partner (F1 down). `f1_as_script` replays that: the same comparisons
+in the same order on copies that are shifted as the script shifts them.
 
-Our masks are stitched whole-slide predictions, so every tile "prediction" in step 3 is a crop of
-one binary map, and a pixel's votes are its tile coverage times its value: we count coverage per
-axis instead of materialising a vote image (identical result, a fraction of the memory).
+`example_*` figures add the example pipeline's two prediction steps to our mask before scoring:
+the vote filter (a pixel needs more than one of the overlapping tiles; every tile's "prediction" is
+a crop of our one stitched mask, so a pixel's votes are its tile coverage, counted per axis) and
+the removal of 8-connected objects under 20,000 px. On a stitched mask the vote deletes every
+region covered by one tile only, the slide's corners included: those figures say what the
+example's pipeline would do to our mask, not how the challenge scores a submission.
 
-Task 1 (patches): the mean over patches of MONAI's Dice of a 0.5-thresholded prediction against
-the min-max scaled mask; patches with an empty mask are left out (MONAI's `ignore_empty`).
+Task 1 (patches, `Validation_patch_docker`): the mean over patches of MONAI's Dice of a
+0.5-thresholded prediction against the min-max scaled mask; patches with an empty mask are left
+out (MONAI's `ignore_empty`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -42,12 +53,14 @@ STRIDE_PX = 1024
 MIN_OBJECT_PX = 20_000
 IOU_THRESHOLD = 0.5
 CROP_MARGIN_PX = 10  # the organisers' margin around the two contours' joint bounding box
-FULL_RESOLUTION_CLASSES = ("NEP25",)  # scored without the 1/2 resampling
+NATIVE_20X_TAG = "NEP25"  # the script's test: this text anywhere in the path means no resampling
 FOREGROUND = 255
+SUBMITTED_THRESHOLD = 128  # zoomed 0..255 prediction; the script's sodelete keeps x * 255 > 127
 
 
-def downsample_factor(class_name: str | None) -> int:
-    return 1 if class_name in FULL_RESOLUTION_CLASSES else 2
+def downsample_factor(path: str | Path | None) -> int:
+    """1 when "NEP25" appears anywhere in the path (or class name), else 2: the script's 20X rule."""
+    return 1 if path is not None and NATIVE_20X_TAG in str(path) else 2
 
 
 @dataclass
@@ -56,27 +69,38 @@ class KPIsResult:
     precision: float
     recall: float
     f1: float
+    f1_as_script: float
     n_pred: int
     n_gt: int
+    example_dice: float
+    example_precision: float
+    example_recall: float
+    example_f1: float
+    example_n_pred: int
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def record(self, prefix: str = "kpis") -> dict:
+        """Flat report keys: kpis_dice, ..., kpis_example_f1."""
+        return {f"{prefix}_{k}": v for k, v in asdict(self).items()}
 
-def zoom_order1(source, factor: int, band_rows: int = 4096) -> np.ndarray:
-    """`scipy.ndimage.zoom(mask * 255, 1 / factor, order=1)` of a binary mask, read band by band.
 
-    `source` is a 2-D array or a mask slide (`.level_shapes`, `.read_region`). Rows are computed
-    with the same coordinate map as scipy (grid_mode=False), so the result equals the whole-array
-    zoom exactly while only `band_rows` input rows are in memory at a time.
+def iter_zoom_bands(source, factor: int, band_rows: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
+    """(first output row, rows) of `scipy.ndimage.zoom(mask * 255, 1 / factor, order=1)`, band by band.
+
+    `source` is a 2-D array or a mask slide (`.level_shapes`, `.read_region`); anything > 0 is
+    foreground. Rows use scipy's coordinate map (grid_mode=False), so the bands put together equal
+    the whole-array zoom while only about `band_rows` input rows are in memory at a time.
     """
     height, width = _shape(source)
     if factor == 1:
-        return _read_rows(source, 0, height, width)
+        for start in range(0, height, band_rows):
+            yield start, _read_rows(source, start, min(band_rows, height - start), width)
+        return
     out_h, out_w = round(height / factor), round(width / factor)
     r0, r1, fr = _linear_weights(height, out_h)
     c0, c1, fc = _linear_weights(width, out_w)
-    out = np.empty((out_h, out_w), dtype=np.uint8)
     rows_per_band = max(1, band_rows // factor)
     for start in range(0, out_h, rows_per_band):
         stop = min(out_h, start + rows_per_band)
@@ -87,8 +111,19 @@ def zoom_order1(source, factor: int, band_rows: int = 4096) -> np.ndarray:
             + band[r1[start:stop] - lo] * fr[start:stop, None]
         )
         cols = rows[:, c0] * (1 - fc) + rows[:, c1] * fc
-        out[start:stop] = np.floor(cols + 0.5)
-    return out
+        yield start, np.floor(cols + 0.5).astype(np.uint8)
+
+
+def zoom_order1(source, factor: int, band_rows: int = 4096) -> np.ndarray:
+    """The whole zoomed mask (0..255 uint8) from `iter_zoom_bands`."""
+    bands = [band for _, band in iter_zoom_bands(source, factor, band_rows)]
+    return np.concatenate(bands) if bands else np.zeros((0, _shape(source)[1]), np.uint8)
+
+
+def submitted_bands(pred, factor: int, band_rows: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
+    """The 20X binary mask a prediction is scored as (and exported as), band by band."""
+    for start, band in iter_zoom_bands(pred, factor, band_rows):
+        yield start, band >= SUBMITTED_THRESHOLD
 
 
 def tile_origins(length: int, tile_px: int = TILE_PX, stride_px: int = STRIDE_PX) -> list[int]:
@@ -112,11 +147,14 @@ def axis_coverage(length: int, tile_px: int = TILE_PX, stride_px: int = STRIDE_P
 
 
 def vote_filter(pred: np.ndarray, tile_px: int = TILE_PX, stride_px: int = STRIDE_PX) -> np.ndarray:
-    """Pixels of a binary map that collect more than one vote from the overlapping tiles."""
-    rows = axis_coverage(pred.shape[0], tile_px, stride_px)
-    cols = axis_coverage(pred.shape[1], tile_px, stride_px)
-    votes = rows[:, None] * cols[None, :]
-    return (pred > 0) & (votes > 1)
+    """Pixels of a binary map that collect more than one vote from the overlapping tiles.
+
+    Every position is covered at least once per axis, so votes (rows x cols) exceed one exactly
+    where either axis has two or more: a boolean broadcast instead of an integer vote image.
+    """
+    rows = axis_coverage(pred.shape[0], tile_px, stride_px) > 1
+    cols = axis_coverage(pred.shape[1], tile_px, stride_px) > 1
+    return (pred > 0) & (rows[:, None] | cols[None, :])
 
 
 def remove_small_components(mask: np.ndarray, min_px: int = MIN_OBJECT_PX) -> np.ndarray:
@@ -136,68 +174,95 @@ def object_contours(mask: np.ndarray) -> list[np.ndarray]:
 
 
 def contour_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two filled contours, drawn on a canvas around both (no in-place shifting)."""
-    ax, ay = a[:, 0, 0], a[:, 0, 1]
-    bx, by = b[:, 0, 0], b[:, 0, 1]
-    if ax.max() < bx.min() or bx.max() < ax.min() or ay.max() < by.min() or by.max() < ay.min():
+    """Geometric IoU of two filled contours, drawn on a canvas around both; the contours are untouched."""
+    frame = _joint_frame(a, b)
+    if frame is None:
         return 0.0
-    x0 = min(ax.min(), bx.min()) - CROP_MARGIN_PX
-    y0 = min(ay.min(), by.min()) - CROP_MARGIN_PX
-    x1 = max(ax.max(), bx.max()) + CROP_MARGIN_PX
-    y1 = max(ay.max(), by.max()) + CROP_MARGIN_PX
-    shape = (int(y1 - y0), int(x1 - x0))
-    offset = np.array([x0, y0], dtype=a.dtype)
-    fill_a = np.zeros(shape, np.uint8)
-    fill_b = np.zeros(shape, np.uint8)
-    cv2.drawContours(fill_a, [a - offset], -1, 1, -1)
-    cv2.drawContours(fill_b, [b - offset], -1, 1, -1)
-    union = np.count_nonzero(fill_a | fill_b)
-    return np.count_nonzero(fill_a & fill_b) / union if union else 0.0
+    offset, shape = frame
+    return _filled_iou(a - offset, b - offset, shape)
+
+
+def contour_iou_shifting(a: np.ndarray, b: np.ndarray) -> float:
+    """The script's contour IoU, side effect included: both arrays are moved into the canvas in place."""
+    frame = _joint_frame(a, b)
+    if frame is None:
+        return 0.0
+    offset, shape = frame
+    a -= offset
+    b -= offset
+    return _filled_iou(a, b, shape)
 
 
 def detection_scores(
     pred_contours: list[np.ndarray], gt_contours: list[np.ndarray], iou_threshold: float = IOU_THRESHOLD
 ) -> tuple[float, float, float]:
-    """(precision, recall, F1) counted as the organisers count them."""
-    ious = np.array([[contour_iou(p, g) for g in gt_contours] for p in pred_contours]).reshape(
-        len(pred_contours), len(gt_contours)
-    )
-    hit = ious >= iou_threshold
+    """(precision, recall, F1) by the script's matching rule, with the geometric IoU."""
+    boxes = _boxes(gt_contours)
+    hit = np.zeros((len(pred_contours), len(gt_contours)), bool)
+    for i, p in enumerate(pred_contours):
+        box = _boxes([p])[0]
+        near = np.flatnonzero(_overlapping(box, boxes))  # the others have IoU 0 (the script's early exit)
+        hit[i, near] = [contour_iou(p, gt_contours[j]) >= iou_threshold for j in near]
     tp = int(hit.any(axis=1).sum())
-    fp = len(pred_contours) - tp
     fn = int((~hit.any(axis=0)).sum())
-    precision = tp / (tp + fp) if tp + fp > 0 else 0.0
-    recall = tp / (tp + fn) if tp + fn > 0 else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-    return precision, recall, f1
+    return _scores(tp, len(pred_contours) - tp, fn)
+
+
+def detection_scores_as_script(
+    pred_contours: list[np.ndarray], gt_contours: list[np.ndarray], iou_threshold: float = IOU_THRESHOLD
+) -> tuple[float, float, float]:
+    """(precision, recall, F1) as the script computes them, contours shifted in place between calls.
+
+    The script's order: each prediction against the truths until its first match, then each truth
+    against the predictions until its first match (its `any` stops there). Runs on copies.
+    """
+    preds = [c.copy() for c in pred_contours]
+    gts = [c.copy() for c in gt_contours]
+    tp = sum(any(contour_iou_shifting(p, g) >= iou_threshold for g in gts) for p in preds)
+    fn = sum(not any(contour_iou_shifting(p, g) >= iou_threshold for p in preds) for g in gts)
+    return _scores(tp, len(preds) - tp, fn)
+
+
+def score_binary(pred: np.ndarray, gt_small: np.ndarray, iou_threshold: float = IOU_THRESHOLD):
+    """Dice, (precision, recall, F1) and both contour lists of a binary 20X mask against the zoomed
+    0..255 truth, read as the script reads it (255 for Dice, > 0 for contours)."""
+    dice = dice_score(pred, gt_small == FOREGROUND)
+    pred_contours = object_contours(pred)
+    gt_contours = object_contours(gt_small > 0)
+    scores = detection_scores(pred_contours, gt_contours, iou_threshold)
+    return dice, scores, pred_contours, gt_contours
 
 
 def kpis_task2(
     pred,
     gt,
-    class_name: str | None = None,
+    factor: int = 2,
     tile_px: int = TILE_PX,
     stride_px: int = STRIDE_PX,
     min_object_px: int = MIN_OBJECT_PX,
     iou_threshold: float = IOU_THRESHOLD,
 ) -> KPIsResult:
-    """Score one slide by the official task-2 protocol.
+    """Score one slide: the mask as submitted, and after the example pipeline's two extra steps.
 
-    `pred` and `gt` are full-resolution binary masks (anything > 0 is glomerulus), as 2-D arrays or
-    mask slides from `custom.wsi.reader.open_mask`. The resampled masks are held in memory (one
-    byte per pixel at half resolution), as in the organisers' script.
+    `pred` and `gt` are level-0 binary masks (anything > 0 is glomerulus), 2-D arrays or mask
+    slides from `custom.wsi.reader.open_mask`; `factor` is `downsample_factor(path)`. The 20X masks
+    are held in memory (one byte per pixel), as in the organisers' script.
     """
     if _shape(pred) != _shape(gt):
         raise ValueError(f"prediction {_shape(pred)} and ground truth {_shape(gt)} differ in shape")
-    factor = downsample_factor(class_name)
-    pred_small = zoom_order1(pred, factor) >= (FOREGROUND + 1) // 2
+    submitted = np.concatenate([band for _, band in submitted_bands(pred, factor)])
     gt_small = zoom_order1(gt, factor)
-    final = remove_small_components(vote_filter(pred_small, tile_px, stride_px), min_object_px)
-    dice = dice_score(final, gt_small == FOREGROUND)
-    pred_contours = object_contours(final)
-    gt_contours = object_contours(gt_small > 0)
-    precision, recall, f1 = detection_scores(pred_contours, gt_contours, iou_threshold)
-    return KPIsResult(dice, precision, recall, f1, len(pred_contours), len(gt_contours))
+    dice, (precision, recall, f1), pred_contours, gt_contours = score_binary(
+        submitted, gt_small, iou_threshold
+    )
+    f1_as_script = detection_scores_as_script(pred_contours, gt_contours, iou_threshold)[2]
+    example = remove_small_components(vote_filter(submitted, tile_px, stride_px), min_object_px)
+    del submitted
+    ex_dice, ex_scores, ex_contours, _ = score_binary(example, gt_small, iou_threshold)
+    return KPIsResult(
+        dice, precision, recall, f1, f1_as_script, len(pred_contours), len(gt_contours),
+        ex_dice, *ex_scores, len(ex_contours),
+    )  # fmt: skip
 
 
 def kpis_patch_dice(pred: np.ndarray, mask: np.ndarray) -> float:
@@ -205,7 +270,7 @@ def kpis_patch_dice(pred: np.ndarray, mask: np.ndarray) -> float:
     y = mask.astype(np.float64)
     lo, hi = y.min(), y.max()
     y = (y - lo) / (hi - lo) if hi > lo else np.zeros_like(y)
-    p = (pred >= 0.5).astype(np.float64)  # binary masks (0/1, 0/255, bool) and probabilities alike
+    p = (pred >= 0.5).astype(np.float64)  # binary masks (0/1, bool) and probabilities alike
     y_sum = y.sum()
     if y_sum == 0:
         return float("nan")
@@ -217,6 +282,48 @@ def kpis_task1(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
     scores = [kpis_patch_dice(p, m) for p, m in pairs]
     valid = [s for s in scores if not np.isnan(s)]
     return float(np.mean(valid)) if valid else float("nan")
+
+
+def _scores(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    precision = tp / (tp + fp) if tp + fp > 0 else 0.0
+    recall = tp / (tp + fn) if tp + fn > 0 else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return precision, recall, f1
+
+
+def _boxes(contours: list[np.ndarray]) -> np.ndarray:
+    """(n, 4) x0, x1, y0, y1 of each contour (inclusive)."""
+    if not contours:
+        return np.zeros((0, 4), np.int64)
+    return np.array(
+        [[c[:, 0, 0].min(), c[:, 0, 0].max(), c[:, 0, 1].min(), c[:, 0, 1].max()] for c in contours]
+    )
+
+
+def _overlapping(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Boxes that the script does not reject by its bounding-box test."""
+    return ~(
+        (box[1] < boxes[:, 0]) | (boxes[:, 1] < box[0]) | (box[3] < boxes[:, 2]) | (boxes[:, 3] < box[2])
+    )
+
+
+def _joint_frame(a: np.ndarray, b: np.ndarray):
+    """(offset, canvas shape) of the script's crop around two contours, None when their boxes are apart."""
+    box_a, box_b = _boxes([a])[0], _boxes([b])[0]
+    if not _overlapping(box_a, box_b[None])[0]:
+        return None
+    x0, y0 = min(box_a[0], box_b[0]) - CROP_MARGIN_PX, min(box_a[2], box_b[2]) - CROP_MARGIN_PX
+    x1, y1 = max(box_a[1], box_b[1]) + CROP_MARGIN_PX, max(box_a[3], box_b[3]) + CROP_MARGIN_PX
+    return np.array([x0, y0], dtype=a.dtype), (int(y1 - y0), int(x1 - x0))
+
+
+def _filled_iou(a: np.ndarray, b: np.ndarray, shape: tuple[int, int]) -> float:
+    fill_a = np.zeros(shape, np.uint8)
+    fill_b = np.zeros(shape, np.uint8)
+    cv2.drawContours(fill_a, [a], -1, 1, -1)
+    cv2.drawContours(fill_b, [b], -1, 1, -1)
+    union = np.count_nonzero(fill_a | fill_b)
+    return np.count_nonzero(fill_a & fill_b) / union if union else 0.0
 
 
 def _linear_weights(n_in: int, n_out: int):

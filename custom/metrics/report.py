@@ -13,14 +13,12 @@ import csv
 import io
 import json
 import math
-import os
-import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
+from custom.atomic import write_atomic
 from custom.data.datalists import KPIS_CLASSES
 from custom.errors import ConfigError
 
@@ -43,12 +41,16 @@ DESCRIPTIVE = frozenset(
         "width_px",
         "instance_downsample",
         "instance_um_per_px",
+        "kpis_downsample",
+        "case",
         "seconds",
     }
 )
 # Per-slide counts: the summary gives their totals, not their means.
-COUNT_PREFIXES = ("patches_scored_", "patches_empty_", "kpis_n_", "instance_n_")
+COUNT_PREFIXES = ("patches_scored_", "patches_empty_", "kpis_n_", "kpis_example_n_", "instance_n_")
 PLOTTED = (("patch_dice", "patch Dice"), ("wsi_dice", "WSI Dice"), ("kpis_dice", "KPIs Dice"))
+TASK1 = "kpis_task1"  # settings["task"] of a task-1 (patch) report
+PLOTTED_TASK1 = (("kpis_task1_dice", "KPIs task-1 Dice"),)
 
 
 def build_report(slides: list[dict], errors: list[dict], settings: dict) -> dict:
@@ -60,6 +62,16 @@ def build_report(slides: list[dict], errors: list[dict], settings: dict) -> dict
         "summary": summarize(slides),
         "errors": [dict(e) for e in errors],
         "settings": dict(settings) | {"created": created},
+    }
+
+
+def error_entry(name: str, reason: str, prediction=None, ground_truth=None) -> dict:
+    """One "errors" entry: what could not be scored, why, and which files were involved."""
+    return {
+        "slide": name,
+        "error": reason,
+        "prediction": str(prediction) if prediction else None,
+        "ground_truth": str(ground_truth) if ground_truth else None,
     }
 
 
@@ -81,11 +93,31 @@ def write_reports(out_dir: str | Path, report: dict) -> dict[str, Path]:
         raise ConfigError(f"{out}: report folder cannot be created ({err.strerror or err})") from err
     paths = {kind: out / name for kind, name in FILES.items()}
     text = json.dumps(report, indent=1, allow_nan=False)
-    _write_atomic(paths["json"], lambda tmp: tmp.write_text(text + "\n"))
-    _write_atomic(paths["csv"], lambda tmp: tmp.write_text(slides_csv(report["slides"])))
-    _write_atomic(paths["markdown"], lambda tmp: tmp.write_text(markdown(report)))
-    _write_atomic(paths["plot"], lambda tmp: plot_dice(report["slides"], tmp))
+    task1 = report["settings"].get("task") == TASK1
+    write_atomic(paths["json"], lambda tmp: tmp.write_text(text + "\n"))
+    write_atomic(paths["csv"], lambda tmp: tmp.write_text(slides_csv(report["slides"])))
+    write_atomic(
+        paths["markdown"], lambda tmp: tmp.write_text((task1_markdown if task1 else markdown)(report))
+    )
+    plotted = PLOTTED_TASK1 if task1 else PLOTTED
+    write_atomic(paths["plot"], lambda tmp: plot_dice(report["slides"], tmp, plotted))
     return paths
+
+
+def parse_class_names(value) -> dict[str, str] | None:
+    """{label: name} from a dict, or from a JSON file holding one (or a datalist's "labels")."""
+    if value is None or value == "" or value == {}:
+        return None
+    if isinstance(value, (str, Path)):
+        path = Path(value)
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: class names must be a JSON file of {{label: name}} ({err})") from None
+        value = value.get("labels", value) if isinstance(value, dict) else value
+    if not isinstance(value, dict) or not all(str(k).isdigit() for k in value):
+        raise ConfigError(f"class names must map label numbers to names, got {value!r}")
+    return {str(int(k)): str(v) for k, v in sorted(value.items(), key=lambda kv: int(kv[0]))}
 
 
 def slides_csv(slides: list[dict]) -> str:
@@ -110,10 +142,15 @@ def class_table(report: dict) -> str:
         ("WSI Dice", "wsi_dice"),
         ("KPIs Dice", "kpis_dice"),
         ("KPIs F1", "kpis_f1"),
+        ("KPIs F1 (script's IoU)", "kpis_f1_as_script"),
+        ("Example pipeline Dice / F1", None),
         ("Object F1", "instance_f1"),
         ("Count error (mean abs)", "count_abs_error"),
     ]
-    rows = [[name, *(_cell(fig.get(k)) for _, k in columns[1:])] for name, fig in report["summary"].items()]
+    rows = [
+        [name, *(_cell(fig.get(k)) if k else _example(fig) for _, k in columns[1:])]
+        for name, fig in report["summary"].items()
+    ]
     return _table([c for c, _ in columns], rows)
 
 
@@ -127,6 +164,8 @@ def slide_table(report: dict) -> str:
         ("KPIs P", "kpis_precision"),
         ("KPIs R", "kpis_recall"),
         ("KPIs F1", "kpis_f1"),
+        ("KPIs F1 (script's IoU)", "kpis_f1_as_script"),
+        ("Example Dice / F1", None),
         ("Object P", "instance_precision"),
         ("Object R", "instance_recall"),
         ("Object F1", "instance_f1"),
@@ -135,10 +174,10 @@ def slide_table(report: dict) -> str:
     labels = sorted({k for s in report["slides"] for k in s if k.startswith("dice_label_")})
     rows = []
     for s in report["slides"]:
-        row = [_cell(s.get(k)) for _, k in columns[:-1]]
+        row = [_cell(s.get(k)) if k else _example(s) for _, k in columns[:-1]]
         row.append(f"{s.get('instance_n_pred', '-')} / {s.get('instance_n_gt', '-')}")
         rows.append(row + [_cell(s.get(k)) for k in labels])
-    header = [c for c, _ in columns] + [f"Dice label {k.rsplit('_', 1)[1]}" for k in labels]
+    header = [c for c, _ in columns] + [_label_header(k, report) for k in labels]
     return _table(header, rows)
 
 
@@ -158,12 +197,14 @@ def markdown(report: dict) -> str:
         "",
         f"\\* `patch_dice`: the mean Dice over a fixed grid of {primary}-px tissue patches; patches "
         "where neither mask has a glomerulus are left out. WSI Dice: over the whole slide at full "
-        "resolution. KPIs: the challenge's task-2 protocol. Object F1: glomeruli matched at IoU >= 0.5 "
+        "resolution. KPIs: the challenge's task-2 scoring of the mask as submitted (at 20X); F1 with the "
+        "script's in-place contour shift beside it; example pipeline: after the organisers' example "
+        "adds its tile vote and 20,000-px removal. Object F1: glomeruli matched at IoU >= 0.5 "
         f"on masks sampled at about {settings.get('instance_um_per_px')} um/px. Means over slides.",
     ]
     labels = sorted({k for s in report["slides"] for k in s if k.startswith("dice_label_")})
     if labels:
-        header = ["Class", *(f"Dice label {k.rsplit('_', 1)[1]}" for k in labels), "Mean"]
+        header = ["Class", *(_label_header(k, report) for k in labels), "Mean"]
         rows = [
             [name, *(_cell(fig.get(k)) for k in labels), _cell(fig.get("wsi_dice"))]
             for name, fig in report["summary"].items()
@@ -176,22 +217,62 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_dice(slides: list[dict], path: str | Path) -> None:
-    """Grouped bars of patch, whole-slide and KPIs Dice per slide, slides grouped by class."""
+def task1_markdown(report: dict) -> str:
+    """summary.md of a task-1 report: the challenge's patch Dice by class, then every patch."""
+    settings = report["settings"]
+    rows = [
+        [
+            name,
+            str(fig.get("n_slides", 0)),
+            str(fig.get("kpis_n_scored", 0)),
+            _cell(fig.get("kpis_task1_dice")),
+        ]
+        for name, fig in report["summary"].items()
+    ]
+    lines = [
+        f"# KPIs task-1 evaluation: {len(report['slides'])} patch(es)",
+        "",
+        f"Predictions `{settings.get('pred_dir')}` against patches `{settings.get('gt_dir')}`, "
+        f"{settings.get('created')}.",
+        "",
+        _table(["Class", "Patches", "Scored (mask not empty)", "KPIs task-1 Dice"], rows),
+        "",
+        "The mean over patches of the Dice of the prediction thresholded at 0.5 against the min-max "
+        "scaled mask; patches with an empty mask are left out, as MONAI's DiceMetric does in the "
+        "organisers' validator.",
+        "",
+        "## Per patch",
+        "",
+        _table(
+            ["Patch", "Class", "Case", "Dice"],
+            [
+                [s["slide"], s.get("class") or "-", s.get("case") or "-", _cell(s.get("kpis_task1_dice"))]
+                for s in report["slides"]
+            ],
+        ),
+    ]
+    if report["errors"]:
+        lines += ["", f"## Errors ({len(report['errors'])})", ""]
+        lines += [f"- `{e['slide']}`: {e['error']}" for e in report["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_dice(slides: list[dict], path: str | Path, plotted=PLOTTED) -> None:
+    """Grouped bars of patch, whole-slide and KPIs Dice per slide (or `plotted` keys), grouped by class."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(slides)
-    fig, ax = plt.subplots(figsize=(min(40.0, max(6.0, 0.45 * n * len(PLOTTED) / 2 + 2)), 4.5))
+    fig, ax = plt.subplots(figsize=(min(40.0, max(6.0, 0.45 * n * len(plotted) / 2 + 2)), 4.5))
     try:
-        width = 0.8 / len(PLOTTED)
+        width = 0.8 / len(plotted)
         x = np.arange(n)
-        for i, (key, label) in enumerate(PLOTTED):
+        for i, (key, label) in enumerate(plotted):
             # a slide without a value (no foreground anywhere) gets no bar rather than a false 0
             heights = [s[key] if _is_number(s.get(key)) else np.nan for s in slides]
-            ax.bar(x + (i - (len(PLOTTED) - 1) / 2) * width, heights, width, label=label)
+            ax.bar(x + (i - (len(plotted) - 1) / 2) * width, heights, width, label=label)
         names = [f"{s['slide']}\n{s.get('class') or ''}".strip() for s in slides]
         many = n > 6
         ax.set_xticks(x, names, rotation=60 if many else 0, ha="right" if many else "center")
@@ -222,14 +303,14 @@ def _summary(slides: list[dict]) -> dict:
     return figures
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _example(figures: dict) -> str:
+    return f"{_cell(figures.get('kpis_example_dice'))} / {_cell(figures.get('kpis_example_f1'))}"
+
+
+def _label_header(key: str, report: dict) -> str:
+    label = key.rsplit("_", 1)[1]
+    name = (report["settings"].get("class_names") or {}).get(label)
+    return f"Dice label {label}" + (f" ({name})" if name else "")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
