@@ -132,7 +132,9 @@ def main() -> None:
             truth = slide.with_name(slide.name.replace("_wsi", "_mask"))
             base = None
             for name, scale, overlap, blend in CHOICES:
-                splitter = TissueTileSplitter(patch_size=tile * scale, overlap=overlap, level=level, progress=False)
+                splitter = TissueTileSplitter(
+                    patch_size=tile * scale, overlap=overlap, level=level, progress=False
+                )
                 inferer = WholeSlideInferer(splitter, batch_size=4, blend=blend)
                 out = work / "pred" / name.replace(" ", "_")
                 start = time.perf_counter()

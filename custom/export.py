@@ -12,7 +12,6 @@ no training runs, no file over the Model Zoo's 25 MB limit. Unzipped anywhere, o
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -25,6 +24,7 @@ import torch
 from custom.bundle import bundle_root
 from custom.checkpoints import CONFIG_KEY, NETWORK_KEY, load_weights, read_checkpoint
 from custom.errors import ConfigError
+from custom.io import atomic_write
 from custom.view.assets import vendor_entries
 
 BUNDLE_NAME = "holohisto_bundle"
@@ -80,20 +80,19 @@ def export_bundle(
 
     out_dir = Path(out_dir)
     target = out_dir / f"{BUNDLE_NAME}_v{version}.zip"
-    tmp = out_dir / f".{target.name}.{os.getpid()}.tmp"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with (
+            atomic_write(target) as tmp,
+            zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive,
+        ):
             for rel in sorted(entries):
                 item = entries[rel]
                 info = zipfile.ZipInfo(f"{BUNDLE_NAME}/{rel}", date_time=ZIP_DATE)
                 info.compress_type = zipfile.ZIP_DEFLATED
                 info.external_attr = 0o644 << 16
                 archive.writestr(info, item if isinstance(item, bytes) else item.read_bytes())
-        os.replace(tmp, target)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise ConfigError(f"{out_dir}: cannot write the bundle there ({err.strerror or err})") from err
     return target
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -24,6 +24,13 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """`atomic_write` for a one-call writer: `write(tmp)` fills the temporary path."""
+    with atomic_write(path) as tmp:
+        write(tmp)
+    return Path(path)
 
 
 def rank_world() -> tuple[int, int]:

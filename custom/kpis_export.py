@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from custom.atomic import write_atomic
 from custom.data.datalists import MASK_SUFFIX, _stem, kpis_class, natural_key, slide_id
 from custom.errors import ConfigError, HoloHistoError
+from custom.io import write_atomic
 from custom.metrics.kpis import downsample_factor, iter_zoom_bands, submitted_bands
 from custom.wsi.png import write_grey_png
 from custom.wsi.reader import open_mask

@@ -61,8 +61,8 @@ def view_outputs(tmp_path_factory) -> dict:
     import numpy as np
 
     from custom.metrics.report import build_report, write_reports
-    from custom.synth import write_synthetic_slides
     from custom.outputs.geojson import mask_to_features, write_geojson
+    from custom.synth import write_synthetic_slides
     from custom.wsi.pyramid import write_pyramid
     from custom.wsi.reader import open_mask
 

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from custom.outputs.geojson import DEFAULT_COLOURS
 from custom.view.catalog import Catalog
 from custom.view.dzi import OUTLINE_RGB
 from custom.view.server import ViewServer
-from custom.outputs.geojson import DEFAULT_COLOURS
 
 CHROMIUM = Path("/usr/bin/chromium")
 # No network, no first-run work, no GPU: the same pixels on every machine, CI included.

@@ -20,6 +20,8 @@ from scipy.ndimage import gaussian_filter
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 
+from custom.io import atomic_write
+
 # The coarsest level whose long side is at least this many pixels: fine enough to see tissue
 # outlines, small enough to read whole in well under a second.
 TARGET_LONG_SIDE_PX = 1024
@@ -208,16 +210,14 @@ class TissueCache:
         if self.cache_dir is None:
             return
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        final = self.cache_dir / f"tissue_{key}.npz"
-        tmp = final.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez_compressed(
-            tmp,
-            mask=tissue.mask,
-            level=tissue.level,
-            scale=np.array(tissue.scale),
-            threshold=tissue.threshold,
-        )
-        os.replace(tmp, final)
+        with atomic_write(self.cache_dir / f"tissue_{key}.npz") as tmp:
+            np.savez_compressed(
+                tmp,
+                mask=tissue.mask,
+                level=tissue.level,
+                scale=np.array(tissue.scale),
+                threshold=tissue.threshold,
+            )
 
 
 def _level_pixels(slide, level: int, thumbnail: tuple[int, np.ndarray] | None) -> np.ndarray:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from custom.atomic import write_atomic
 from custom.data.datalists import KPIS_CLASSES
 from custom.errors import ConfigError
+from custom.io import write_atomic
 
 ALL = "all"
 FILES = {

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from custom.atomic import write_atomic
 from custom.errors import ConfigError
+from custom.io import write_atomic
 from custom.synth.glomeruli import object_window, radii_at
 from custom.synth.paint import CoarseGrid, level_coords
 from custom.synth.render import render_rgb

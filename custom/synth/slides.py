@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from custom.errors import ConfigError
+from custom.io import write_atomic
 from custom.synth.render import render_mask, render_rgb
 from custom.synth.scene import DECOY, GLOMERULUS, MPP_DEFAULT, Scene, build_scene
 from custom.wsi.pyramid import pyramid_shapes, write_pyramid
@@ -176,9 +177,7 @@ def _write_sidecar(
         "medulla": _medulla_record(scene),
         "objects": scene.object_records(),
     }
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(sidecar, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(sidecar, indent=1)))
 
 
 def _medulla_record(scene: Scene) -> dict | None:

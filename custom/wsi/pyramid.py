@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from tqdm.auto import tqdm
+
+from custom.io import atomic_write
 
 TileSource = Callable[[int, int, int, int, int], np.ndarray]
 """tile_source(level, y, x, h, w) -> (h, w) or (h, w, channels) array, in that level's pixels."""
@@ -95,7 +96,6 @@ def write_pyramid(
         else {"compression": compression}
     )
 
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
     bar = tqdm(
         total=total_tiles,
         unit="tile",
@@ -105,6 +105,7 @@ def write_pyramid(
     )
     try:
         with (
+            atomic_write(path) as tmp,
             ThreadPoolExecutor(workers, thread_name_prefix="pyramid-tiles") as pool,
             tifffile.TiffWriter(tmp, bigtiff=raw_bytes > CLASSIC_TIFF_MAX_RAW_BYTES) as tif,
         ):
@@ -134,10 +135,6 @@ def write_pyramid(
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     finally:
         bar.close()
     return path
