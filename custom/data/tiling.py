@@ -1,4 +1,4 @@
-"""Fixed tile grids over a slide and the level a reader picks: shared by the tile sampler and inference."""
+"""Fixed tile grids over a slide (the tile sampler's patch grid)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,3 @@ def grid_locations(shape: Sequence[int], tile: Sequence[int], overlap: int = 0) 
     ny = max(1, math.ceil((shape[0] - overlap) / sy))
     nx = max(1, math.ceil((shape[1] - overlap) / sx))
     return [(i * sy, j * sx) for i in range(ny) for j in range(nx)]
-
-
-def resolve_level(slide, level: int | None = None, mpp: float | None = None) -> int:
-    """The slide level to read: by mpp when given (needs a slide with a known mpp), else `level` (default 0)."""
-    if mpp is not None:
-        return slide.level_for_mpp(mpp)
-    level = 0 if level is None else int(level)
-    if not 0 <= level < slide.level_count:
-        raise ConfigError(
-            f"{slide.path}: level {level} requested, the slide has levels 0..{slide.level_count - 1}"
-        )
-    return level

@@ -28,7 +28,7 @@ from monai.inferers import Splitter
 from monai.utils import ensure_tuple_rep
 from tqdm.auto import tqdm
 
-from custom.data.tiling import resolve_level
+from custom.data.scale import level_for_item
 from custom.data.tissue import TissueCache, TissueMask, thumbnail_level
 from custom.errors import ConfigError
 from custom.wsi.reader import open_slide
@@ -154,7 +154,9 @@ class TissueTileSplitter(Splitter):
     def plan(self, path) -> TilePlan:
         """Open the slide, find its tissue and list the tiles to infer."""
         slide = open_slide(str(path))
-        level = resolve_level(slide, self.level, self.mpp)
+        level = level_for_item(
+            slide, {"image": slide.path}, self.level, self.mpp
+        )  # KPIs slides without an mpp: warned guess
         thumb_level = thumbnail_level(slide)
         thumbnail = slide.read_level(thumb_level)
         tissue = self.tissue.get(slide, thumbnail=(thumb_level, thumbnail))
