@@ -2,7 +2,7 @@
 
 Every row is one override file in holohisto_bundle/configs, layered on train.json + tiny.json:
 
-    table 1   baseline_unet.json, baseline_swinunetr.json (1024 tiles, non-overlapping at inference)
+    table 1   baseline_unet.json, baseline_swinunetr.json (1024 tiles, inferred seam-free like every row)
               against HoloHisto tiny at 512 (the reference) and at 4096
     table 3   ablation_linear_projection / ablation_no_tokens / ablation_softmax_attention /
               ablation_tile_sampler (all at 512), and the context rows ablation_patch_{512,1024,2048,4096}
