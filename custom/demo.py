@@ -8,6 +8,7 @@ validation Dice and whole-slide Dice. The last two lines printed are `val_dice=.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -61,11 +62,18 @@ def run_demo(out: str | Path = "runs/demo", max_epochs: int | None = None, seed:
     scores = {}
     for slide in sorted(test_dir.glob("*_wsi.tiff")):
         truth = slide.with_name(f"{slide_id(slide)}_mask.tiff")
-        pred = output_paths(pred_dir, slide)["pred"]
-        scores[slide.name] = wsi_dice(pred, truth)
-        print(f"      {slide.name}: WSI Dice {scores[slide.name]:.4f}, mask {pred}")
+        paths = output_paths(pred_dir, slide)
+        scores[slide.name] = wsi_dice(paths["pred"], truth)
+        found = json.loads(paths["summary"].read_text())["glomerulus_count"]
+        planted = json.loads(slide.with_name(f"{slide_id(slide)}_objects.json").read_text())["objects"]
+        true_count = sum(o["label"] == "glomerulus" for o in planted)
+        print(
+            f"      {slide.name}: WSI Dice {scores[slide.name]:.4f}, {found} glomeruli found ({true_count} planted)"
+        )
+        print(f"      mask {paths['pred']}, objects {paths['geojson']}")
     wsi = sum(scores.values()) / len(scores)
     print(f"done in {(time.perf_counter() - start) / 60:.1f} min; outputs in {out}")
+    print(f"review them in a browser: python -m custom view {pred_dir} --slides {out / 'slides'}")
     print(f"val_dice={val_dice:.4f}")
     print(f"wsi_dice={wsi:.4f}")
     return {"val_dice": val_dice, "wsi_dice": wsi, "model": str(model), "predictions": str(pred_dir)}
