@@ -12,7 +12,7 @@ import importlib.machinery
 import os
 import sys
 
-__version__ = "0.2.1"
+__version__ = "0.2.2"
 
 
 @contextlib.contextmanager
