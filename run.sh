@@ -2,7 +2,8 @@
 # The project's two commands. Each creates or reuses .venv in the checkout and installs the
 # pinned requirements (and, with npm, the viewer's pinned package-lock.json) itself, then:
 #   ./run.sh demo [--out DIR]   the main job: synthetic slides -> train tiny -> segment -> Dice
-#   ./run.sh test               ruff (lint + format check) and the whole test suite
+#   ./run.sh test               ruff (lint + format check) and the whole test suite; it also builds or
+#                               reuses .venv-monailabel, MONAI Label's environment for its server test
 set -euo pipefail
 cd "$(dirname "$0")"
 venv=.venv
@@ -45,6 +46,19 @@ case "$cmd" in
     test)
         npm_deps
         chromium_dep
+        # MONAI Label's own environment for tests/test_monai_label.py (monailabel pins numpy<2, jsonschema<4):
+        # a lock installed without resolving, rebuilt only when requirements-monailabel.txt changes.
+        mlvenv=.venv-monailabel
+        mlstamp="$mlvenv/.requirements.sha256"
+        mlwant=$(sha256sum requirements-monailabel.txt | cut -d' ' -f1)
+        if [ "$(cat "$mlstamp" 2>/dev/null)" != "$mlwant" ]; then
+            rm -rf "$mlvenv"
+            python3 -m venv "$mlvenv"
+            "$mlvenv/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-compile \
+                -r requirements-monailabel.txt
+            "$mlvenv/bin/pip" check --disable-pip-version-check
+            echo "$mlwant" > "$mlstamp"
+        fi
         "$venv/bin/ruff" check .
         "$venv/bin/ruff" format --check .
         exec "$py" -m pytest -q "$@" ;;

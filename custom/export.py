@@ -4,7 +4,8 @@
 `holohisto_bundle/` folder: configs, docs, LICENSE, the `custom` code copied in (the repository's
 `holohisto_bundle/custom` is a symlink; the zip holds real files), the OpenSeadragon build the review
 page loads (from node_modules/, into custom/view/vendor/), a requirements.txt written from
-metadata.json and, when a trained model is given, `models/model.pt`. Nothing else: no tests, no caches,
+metadata.json and, when a trained model is given, `models/model.pt` (and train.json's `finetune_from`
+pointing at it, so training fine-tunes the model the bundle ships). Nothing else: no tests, no caches,
 no training runs, no file over the Model Zoo's 25 MB limit. Unzipped anywhere, or fetched with
 `python -m monai.bundle download --name holohisto_bundle --url file://...`, the folder runs with
 `python -m monai.bundle run ...` or `python -m custom ...` started inside it.
@@ -40,6 +41,8 @@ TOP_FILES = ("LICENSE", "large_files.yml", "large_files.yaml", "large_files.json
 SKIPPED_DIRS = frozenset({"__pycache__", ".pytest_cache", ".ruff_cache", ".ipynb_checkpoints"})
 SKIPPED_SUFFIXES = (".pyc", ".pyo", ".tmp")
 REQUIRED = ("configs/metadata.json", "configs/inference.json", "configs/train.json", "LICENSE")
+FINETUNE_KEY = "finetune_from"
+SHIPPED_MODEL = "$@bundle_root + '/models/model.pt'"
 ZIP_DATE = (2024, 1, 1, 0, 0, 0)  # fixed timestamps: the same inputs give a byte-identical zip
 
 
@@ -69,6 +72,7 @@ def export_bundle(
     entries["requirements.txt"] = requirements_txt(root / "configs" / "metadata.json").encode()
     if model is not None:
         entries["models/model.pt"] = _portable_checkpoint(model)
+        entries["configs/train.json"] = _fine_tuning_train_config(root / "configs" / "train.json")
     if max_file_mb is not None:
         for rel, item in entries.items():
             size_mb = (len(item) if isinstance(item, bytes) else item.stat().st_size) / 2**20
@@ -118,6 +122,22 @@ def requirements_txt(metadata_file: str | Path) -> str:
     pins = {"monai": meta["monai_version"], "torch": meta["pytorch_version"], "numpy": meta["numpy_version"]}
     pins.update(meta.get("required_packages_version", {}))
     return "".join(f"{name}=={version}\n" for name, version in pins.items())
+
+
+def _fine_tuning_train_config(train_json: Path) -> bytes:
+    """train.json with `finetune_from` set to the shipped models/model.pt.
+
+    Why: MONAI Label's trainer reads train.json by name, with no override, and loads models/model.pt into
+    `network`; so the bundle that ships a model must build that model's network and train at its patch
+    size and level (which `finetune_from` gives). `--finetune_from ""` still trains from scratch.
+    """
+    config = json.loads(train_json.read_text())
+    if FINETUNE_KEY not in config:
+        raise ConfigError(
+            f"{train_json}: has no '{FINETUNE_KEY}' id, so the shipped model cannot be fine-tuned"
+        )
+    config[FINETUNE_KEY] = SHIPPED_MODEL
+    return (json.dumps(config, indent=4) + "\n").encode()
 
 
 def _skipped(name: str) -> bool:

@@ -143,6 +143,22 @@ def test_exported_model_keeps_weights_and_records_and_drops_training_state(
     assert size < 1.1 * weights  # one copy of the weights, no optimizer state
 
 
+def test_a_bundle_that_ships_a_model_fine_tunes_it_and_one_without_trains_from_scratch(exported, tmp_path):
+    repo = json.loads((bundle_root() / "configs" / "train.json").read_text())
+    shipped_text = zipfile.ZipFile(exported).read(f"{BUNDLE_NAME}/configs/train.json").decode()
+    shipped = json.loads(shipped_text)
+    # MONAI Label trains with train.json alone and loads models/model.pt into it: the one id it needs
+    assert {k for k in repo if repo[k] != shipped[k]} == {"finetune_from"}
+    assert repo["finetune_from"] == ""
+    assert shipped["finetune_from"] == "$@bundle_root + '/models/model.pt'"
+    assert shipped_text == json.dumps(shipped, indent=4) + "\n"  # the zoo's 4-space JSON
+    bare = zipfile.ZipFile(export_bundle(tmp_path))
+    assert (
+        bare.read(f"{BUNDLE_NAME}/configs/train.json")
+        == (bundle_root() / "configs" / "train.json").read_bytes()
+    )
+
+
 def test_export_is_byte_reproducible(exported, trained_checkpoint, tmp_path):
     again = export_bundle(tmp_path, model=trained_checkpoint)
     assert again.read_bytes() == exported.read_bytes()

@@ -120,7 +120,55 @@ class LabelledPatchWSIDataset(PatchWSIDataset):
         return torch.from_numpy(np.ascontiguousarray(region, dtype=np.uint8))[None]
 
 
-class RandomTissuePatchDataset(IterableDataset):
+class RandomPatchStream(IterableDataset):
+    """An endless supply of random patches: `samples_per_epoch` per epoch over all ranks, drawn afresh every epoch.
+
+    Subclasses say where a patch comes from (`draw(rng)`: an item with its location) and how it is read
+    (`read(item)`); the stream gives every rank and DataLoader worker its own reproducible generator.
+    """
+
+    def __init__(self, data: Sequence[dict], samples_per_epoch: int = 64, seed: int = 0):
+        super().__init__(data=list(data), transform=None)
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.seed = int(seed)
+        self._rng: np.random.Generator | None = None
+
+    def draw(self, rng: np.random.Generator) -> dict:
+        raise NotImplementedError
+
+    def read(self, item: dict) -> dict:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch // _world()[1]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        share = len(self)
+        count = share // workers + (1 if worker < share % workers else 0)
+        rng = self._stream(info)
+        for _ in range(count):
+            yield self.read(self.draw(rng))
+
+    def fixed_items(self, count: int, seed: int | None = None) -> list[dict]:
+        """`count` locations drawn once (e.g. a validation set that stays the same all run)."""
+        rng = np.random.default_rng([self.seed if seed is None else seed, 7919])
+        return [self.draw(rng) for _ in range(count)]
+
+    def _stream(self, info) -> np.random.Generator:
+        rank = _world()[0]
+        if info is None:
+            # main process: one generator for the whole run, so every epoch draws new patches
+            if self._rng is None:
+                self._rng = np.random.default_rng([self.seed, rank])
+            return self._rng
+        # a worker's torch seed is base_seed + worker id, with a new base_seed for every epoch's
+        # workers (drawn from the main process's seeded torch RNG): fresh yet reproducible streams
+        return np.random.default_rng([self.seed, rank, info.id, torch.initial_seed() % 2**63])
+
+
+class RandomTissuePatchDataset(RandomPatchStream):
     """An endless supply of patches centred uniformly on tissue, drawn afresh every epoch.
 
     Args:
@@ -153,33 +201,21 @@ class RandomTissuePatchDataset(IterableDataset):
             raise ConfigError("the random patch sampler got an empty datalist")
         if not 0.0 <= foreground_ratio <= 1.0:
             raise ConfigError(f"foreground_ratio must be in [0, 1], got {foreground_ratio}")
-        super().__init__(data=list(data), transform=None)
+        super().__init__(data, samples_per_epoch, seed)
         _check_scale(patch_level, patch_mpp)
         self.patch_size = tuple(int(s) for s in ensure_tuple_rep(patch_size, 2))
         self.patch_level, self.patch_mpp = patch_level, patch_mpp
-        self.samples_per_epoch = int(samples_per_epoch)
         self.foreground_ratio = float(foreground_ratio)
-        self.seed = int(seed)
         self.tissue = tissue if isinstance(tissue, TissueCache) else TissueCache(**(tissue or {}))
         self.backend = backend
         self.reader = LabelledPatchWSIDataset(
             [], transform=transform, num_classes=num_classes, reader=HoloWSIReader(slide_backend=backend)
         )
-        self._rng: np.random.Generator | None = None
         self._slides: dict[str, tuple] = {}
         self._lock = threading.Lock()
 
-    def __len__(self) -> int:
-        return self.samples_per_epoch // _world()[1]
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        share = len(self)
-        count = share // workers + (1 if worker < share % workers else 0)
-        rng = self._stream(info)
-        for _ in range(count):
-            yield self.reader.read(self.draw(rng))
+    def read(self, item: dict) -> dict:
+        return self.reader.read(item)
 
     def draw(self, rng: np.random.Generator) -> dict:
         """One patch location: a slide, then a centre on its tissue (or on its labels)."""
@@ -197,22 +233,6 @@ class RandomTissuePatchDataset(IterableDataset):
         top = int(cy - self.patch_size[0] * ds / 2)
         left = int(cx - self.patch_size[1] * ds / 2)
         return {**item, "location": [top, left], "size": list(self.patch_size), "level": level}
-
-    def fixed_items(self, count: int, seed: int | None = None) -> list[dict]:
-        """`count` locations drawn once (e.g. a validation set that stays the same all run)."""
-        rng = np.random.default_rng([self.seed if seed is None else seed, 7919])
-        return [self.draw(rng) for _ in range(count)]
-
-    def _stream(self, info) -> np.random.Generator:
-        rank = _world()[0]
-        if info is None:
-            # main process: one generator for the whole run, so every epoch draws new patches
-            if self._rng is None:
-                self._rng = np.random.default_rng([self.seed, rank])
-            return self._rng
-        # a worker's torch seed is base_seed + worker id, with a new base_seed for every epoch's
-        # workers (drawn from the main process's seeded torch RNG): fresh yet reproducible streams
-        return np.random.default_rng([self.seed, rank, info.id, torch.initial_seed() % 2**63])
 
     def _slide_info(self, item: dict):
         key = item["image"]

@@ -1,0 +1,238 @@
+"""Training patches from image tiles: PNG or JPEG image/label pairs, the items MONAI Label trains on.
+
+MONAI Label's bundle trainer sets `train#dataset#data` and `validate#dataset#data` to its datastore's
+{"image", "label"} items; for pathology those are 2D tiles a user labelled, not slides. A tile is
+taken as it is, already at the resolution the model works at (the level or mpp it trained at), so
+its patches are `patch_size` crops, padded with white glass and background where the tile is
+smaller. `random_patches` and `fixed_patches` choose these datasets for tiles and the slide samplers
+of custom.data.patches for slides, so one train.json serves both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import Dataset, MetaTensor
+from monai.transforms import apply_transform
+from monai.utils import ensure_tuple_rep
+from PIL import Image, UnidentifiedImageError
+
+from custom.data.patches import FixedTissuePatchDataset, RandomPatchStream, RandomTissuePatchDataset
+from custom.errors import ConfigError
+from custom.wsi.reader import MASK_PAD_VALUE, SLIDE_PAD_VALUE
+
+TILE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def is_tile(path: str | Path) -> bool:
+    """A plain image file (PNG/JPEG) rather than a slide."""
+    return Path(path).suffix.lower() in TILE_SUFFIXES
+
+
+def holds_tiles(data: Sequence[dict]) -> bool:
+    """True when every item's image is a tile, False when none is; a mix is refused."""
+    tiles = [is_tile(item["image"]) for item in data]
+    if any(tiles) and not all(tiles):
+        tile = next(item["image"] for item, t in zip(data, tiles, strict=True) if t)
+        slide = next(item["image"] for item, t in zip(data, tiles, strict=True) if not t)
+        raise ConfigError(f"{slide}: the datalist mixes slides with image tiles (e.g. {tile}); use one kind")
+    return bool(tiles) and all(tiles)
+
+
+def read_tile(item: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The (h, w, 3) uint8 image and (h, w) label of one {"image", "label"} tile item."""
+    image = np.asarray(_open(item["image"]).convert("RGB"))
+    if not item.get("label"):
+        raise ConfigError(f"{item['image']}: a training tile needs a label image")
+    label = np.asarray(_open(item["label"]))
+    if label.ndim != 2:
+        raise ConfigError(
+            f"{item['label']}: a label tile must have one channel (0 = background, 1.. = classes), "
+            f"found shape {label.shape}"
+        )
+    if label.shape != image.shape[:2]:
+        raise ConfigError(
+            f"{item['label']}: label is {label.shape[1]} x {label.shape[0]} px but its image "
+            f"{item['image']} is {image.shape[1]} x {image.shape[0]} px"
+        )
+    return image, label
+
+
+def _open(path: str | Path) -> Image.Image:
+    try:
+        return Image.open(path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: no such tile") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise ConfigError(f"{path}: not a readable image ({err})") from err
+
+
+def crop_padded(array: np.ndarray, top: int, left: int, size: Sequence[int], pad_value: int) -> np.ndarray:
+    """array[top:top + h, left:left + w], filled with pad_value where the window leaves the array."""
+    h, w = size
+    out = np.full((h, w, *array.shape[2:]), pad_value, dtype=array.dtype)
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + h, array.shape[0]), min(left + w, array.shape[1])
+    if y1 > y0 and x1 > x0:
+        out[y0 - top : y1 - top, x0 - left : x1 - left] = array[y0:y1, x0:x1]
+    return out
+
+
+class TileCropReader:
+    """Reads {"image", "label", "location": [top, left], "size": [h, w]} crops of tiles, as slide patches look."""
+
+    def __init__(self, transform=None, binarize: bool = True):
+        self.transform = transform
+        self.binarize = binarize
+
+    def read(self, item: dict) -> dict:
+        image, label = read_tile(item)
+        top, left = item["location"]
+        image = crop_padded(image, top, left, item["size"], SLIDE_PAD_VALUE)
+        label = crop_padded(label, top, left, item["size"], MASK_PAD_VALUE)
+        if self.binarize:
+            label = label > 0
+        out = {
+            "image": MetaTensor(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))),
+            "label": torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8))[None],
+            "class": item.get("class", ""),
+        }
+        return apply_transform(self.transform, out) if self.transform else out
+
+
+class RandomTileCropDataset(RandomPatchStream):
+    """Random `patch_size` crops of labelled tiles, drawn afresh every epoch.
+
+    A crop lies inside its tile where the tile is large enough; with probability `foreground_ratio`
+    it is centred on a labelled pixel (tiles without labels fall back to a uniform crop).
+    """
+
+    def __init__(
+        self,
+        data: Sequence[dict],
+        patch_size: int | Sequence[int] = 4096,
+        samples_per_epoch: int = 64,
+        foreground_ratio: float = 0.0,
+        seed: int = 0,
+        transform=None,
+        binarize: bool = True,
+    ):
+        if not data:
+            raise ConfigError("the tile sampler got an empty datalist")
+        if not 0.0 <= foreground_ratio <= 1.0:
+            raise ConfigError(f"foreground_ratio must be in [0, 1], got {foreground_ratio}")
+        super().__init__(data, samples_per_epoch, seed)
+        self.patch_size = tuple(int(s) for s in ensure_tuple_rep(patch_size, 2))
+        self.foreground_ratio = float(foreground_ratio)
+        self.reader = TileCropReader(transform, binarize)
+
+    def read(self, item: dict) -> dict:
+        return self.reader.read(item)
+
+    def draw(self, rng: np.random.Generator) -> dict:
+        item = self.data[int(rng.integers(len(self.data)))]
+        ph, pw = self.patch_size
+        labelled = np.empty(0)
+        if rng.random() < self.foreground_ratio:
+            label = read_tile(item)[1]
+            h, w = label.shape
+            labelled = np.flatnonzero(label)
+        else:
+            w, h = _open(item["image"]).size  # the header only; read() checks the pair
+        if labelled.size:
+            cy, cx = np.unravel_index(labelled[int(rng.integers(labelled.size))], label.shape)
+            top = int(np.clip(cy - ph // 2, min(0, h - ph), max(0, h - ph)))
+            left = int(np.clip(cx - pw // 2, min(0, w - pw), max(0, w - pw)))
+        else:
+            top = int(rng.integers(min(0, h - ph), max(0, h - ph) + 1))
+            left = int(rng.integers(min(0, w - pw), max(0, w - pw) + 1))
+        return {"image": item["image"], "label": item["label"], "location": [top, left], "size": [ph, pw]}
+
+
+class FixedTileCropDataset(Dataset):
+    """`count` crops of labelled tiles drawn once (validation): the same crops every epoch."""
+
+    def __init__(
+        self,
+        data: Sequence[dict],
+        patch_size: int | Sequence[int] = 4096,
+        count: int = 16,
+        foreground_ratio: float = 0.5,
+        seed: int = 0,
+        transform=None,
+        binarize: bool = True,
+    ):
+        if not data:
+            raise ConfigError("no validation tiles: give the validation split at least one labelled tile")
+        sampler = RandomTileCropDataset(data, patch_size, foreground_ratio=foreground_ratio, seed=seed)
+        super().__init__(sampler.fixed_items(count))
+        self.reader = TileCropReader(transform, binarize)
+
+    def _transform(self, index: int):
+        return self.reader.read(self.data[index])
+
+
+def random_patches(
+    data: Sequence[dict],
+    patch_size: int | Sequence[int] = 4096,
+    patch_level: int | None = None,
+    patch_mpp: float | None = None,
+    samples_per_epoch: int = 64,
+    foreground_ratio: float = 0.0,
+    seed: int = 0,
+    transform=None,
+    tissue=None,
+    binarize: bool = True,
+):
+    """The training sampler for `data`: random tile crops for tiles, RandomTissuePatchDataset for slides.
+
+    `patch_level`, `patch_mpp` and `tissue` apply to slides only: a tile is at the model's resolution.
+    """
+    if holds_tiles(data):
+        return RandomTileCropDataset(
+            data, patch_size, samples_per_epoch, foreground_ratio, seed, transform, binarize
+        )
+    return RandomTissuePatchDataset(
+        data,
+        patch_size=patch_size,
+        patch_level=patch_level,
+        patch_mpp=patch_mpp,
+        samples_per_epoch=samples_per_epoch,
+        foreground_ratio=foreground_ratio,
+        seed=seed,
+        transform=transform,
+        tissue=tissue,
+        binarize=binarize,
+    )
+
+
+def fixed_patches(
+    data: Sequence[dict],
+    patch_size: int | Sequence[int] = 4096,
+    patch_level: int | None = None,
+    patch_mpp: float | None = None,
+    count: int = 16,
+    foreground_ratio: float = 0.5,
+    seed: int = 0,
+    transform=None,
+    tissue=None,
+    binarize: bool = True,
+):
+    """The validation set for `data`: fixed tile crops for tiles, FixedTissuePatchDataset for slides."""
+    if holds_tiles(data):
+        return FixedTileCropDataset(data, patch_size, count, foreground_ratio, seed, transform, binarize)
+    return FixedTissuePatchDataset(
+        data,
+        patch_size=patch_size,
+        patch_level=patch_level,
+        patch_mpp=patch_mpp,
+        count=count,
+        foreground_ratio=foreground_ratio,
+        seed=seed,
+        transform=transform,
+        tissue=tissue,
+        binarize=binarize,
+    )
