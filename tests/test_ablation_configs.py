@@ -58,7 +58,9 @@ def test_ablation_override_layers_on_the_inference_config(override):
     parser["ckpt_path"] = ""  # no checkpoint: the network comes from the config
     assert isinstance(parser.get_parsed_content("network_def"), cls)
     assert parser.get_parsed_content("patch_size") == [side, side]
-    assert parser.get_parsed_content("overlap") == side // 8  # every row stitches seam-free, as the default does
+    assert (
+        parser.get_parsed_content("overlap") == side // 8
+    )  # every row stitches seam-free, as the default does
 
 
 def test_tile_sampler_override_swaps_in_the_grid_sampler_with_a_shuffling_loader():
