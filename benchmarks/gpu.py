@@ -190,7 +190,10 @@ def part_wsi(s: Sizes, work: Path) -> dict:
     torch.manual_seed(0)
     net = TimedNet(s.net().to(s.device).eval(), s.device)
     splitter = TissueTileSplitter(
-        patch_size=s.tile_level0, overlap=s.tile_level0 // 8, level=0, progress=False
+        patch_size=s.tile_level0,
+        overlap=128,
+        level=0,
+        progress=False,  # inference.json's default
     )
     inferer = WholeSlideInferer(splitter, batch_size=1, amp=s.device == "cuda")
     reset_peak(s.device)

@@ -47,6 +47,7 @@ from custom.wsi.reader import open_slide  # noqa: E402
 GLASS_RGB = (242, 240, 244)
 BATCH = 4
 SEED = 4242  # the held-out 16k x 12k slide of the stitching benchmark
+OVERLAP_PX = 128  # inference.json's default
 
 
 def network(checkpoint: str | None):
@@ -179,7 +180,7 @@ def monai_native(slide: Path, net, tile: int, level: int, overlap: int) -> tuple
 def part_speed(slide: Path, checkpoint: str | None, work: Path) -> dict:
     net = network(checkpoint)
     tile, level = trained_input(checkpoint)
-    overlap = tile // 8  # inference.json's default
+    overlap = OVERLAP_PX
     outcome, plan = ours(slide, net, tile, level, overlap, work / "ours")
     alone = network_alone(net, plan)
     monai_same, monai_tiles_same = monai_native(slide, net, tile, level, overlap)
@@ -253,7 +254,7 @@ def part_null(slide: Path, work: Path) -> dict:
 def memory_worker(slide: str, checkpoint: str | None, out: str) -> None:
     tile, level = trained_input(checkpoint)
     start = time.perf_counter()
-    outcome, _ = ours(Path(slide), network(checkpoint), tile, level, tile // 8, Path(out))
+    outcome, _ = ours(Path(slide), network(checkpoint), tile, level, OVERLAP_PX, Path(out))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         json.dumps(
@@ -290,7 +291,7 @@ def part_tissue(full: Path, quarter: Path, checkpoint: str | None, out: Path) ->
     net = network(checkpoint)
     times, tiles = {}, {}
     for name, slide in (("full", full), ("quarter", quarter)):
-        outcome, _ = ours(slide, net, tile, level, tile // 8, out / name)
+        outcome, _ = ours(slide, net, tile, level, OVERLAP_PX, out / name)
         times[name], tiles[name] = outcome.seconds, outcome.tissue_tiles
         print(f"tissue: {name:8s} {tiles[name]:5d} tissue tiles, {times[name]:.1f} s", flush=True)
     print(

@@ -142,7 +142,7 @@ def segment(
         level: read tiles at this pyramid level (default: the training level).
         mpp: or at this resolution in micrometres per pixel.
         tile: tile side in pixels at that level (default: the training patch size).
-        overlap: pixels neighbouring tiles share (even; default: 1/8 of the tile, see the model card).
+        overlap: pixels neighbouring tiles share at the inference level (even; default 128, see the model card).
         probability: also write <stem>_prob.tiff, a coarse foreground-probability map.
     """
     from custom.bundle import bundle_root, workflow
