@@ -31,12 +31,19 @@ DISTANCES_PX = (0, 8, 16, 32, 48, 64, 96, 128, 192)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--slide", required=True, help="a held-out <id>_wsi.tiff with its <id>_mask.tiff beside it")
+    parser.add_argument(
+        "--slide", required=True, help="a held-out <id>_wsi.tiff with its <id>_mask.tiff beside it"
+    )
     parser.add_argument("--probes", type=int, default=12)
     args = parser.parse_args()
-    net = load_weights(build_network(config_from_checkpoint(args.checkpoint), load_tokenizer_checkpoint=False), args.checkpoint).eval()
+    net = load_weights(
+        build_network(config_from_checkpoint(args.checkpoint), load_tokenizer_checkpoint=False),
+        args.checkpoint,
+    ).eval()
     trained = read_checkpoint(args.checkpoint).get("input_config", {})
     tile, level = trained.get("patch_size", [512, 512])[0], trained.get("patch_level") or 1
     slide = open_slide(args.slide)
@@ -65,7 +72,9 @@ def main() -> None:
             differ[d][0] += int((band != centre).sum())
             differ[d][1] += max(int((band | centre).sum()), 1)
     for d in DISTANCES_PX:
-        print(f"{d:4d} px from the tile border: {differ[d][0] / differ[d][1]:.3f} of the band's foreground differs from the centre's")
+        print(
+            f"{d:4d} px from the tile border: {differ[d][0] / differ[d][1]:.3f} of the band's foreground differs from the centre's"
+        )
 
 
 if __name__ == "__main__":

@@ -44,9 +44,9 @@ from custom.inference.segment import segment_slide  # noqa: E402
 from custom.inference.splitter import TissueTileSplitter  # noqa: E402
 from custom.networks import holohisto_full, holohisto_tiny  # noqa: E402
 from custom.networks.holohisto import FULL_TOKENIZER, TINY_TOKENIZER  # noqa: E402
+from custom.outputs.pyramid import pyramid_shapes, write_pyramid  # noqa: E402
 from custom.synth import write_synthetic_slides  # noqa: E402
 from custom.training import SegmentationLoss  # noqa: E402
-from custom.wsi.pyramid import pyramid_shapes, write_pyramid  # noqa: E402
 from custom.wsi.reader import open_slide  # noqa: E402
 
 GIB = 2**30

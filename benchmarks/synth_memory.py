@@ -40,8 +40,8 @@ def _status_kb(field: str) -> int:
 
 def worker(side_px: int, seed: int, out_dir: str) -> dict:
     """One slide, in its own process."""
+    from custom.outputs.pyramid import pyramid_shapes
     from custom.synth import write_synthetic_slides
-    from custom.wsi.pyramid import pyramid_shapes
 
     baseline_kb = _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS

@@ -8,7 +8,7 @@ then scores each pair in a fresh subprocess with:
 
 - stream: `custom.metrics.wsi.wsi_dice_counts`, 4096-px blocks of both masks at a time;
 - grid: `custom.metrics.patches.count_grid`, the same pass keeping counts per 4096-px patch (what
-  `custom.evaluate` runs, giving patch-level and whole-slide Dice at once);
+  `custom.metrics.evaluate` runs, giving patch-level and whole-slide Dice at once);
 - numpy: both masks read whole into memory, then one numpy Dice (only at the side that fits).
 
 Reported per run: wall and cpu seconds, Mpx/s (pixels of both masks per wall second), resident
@@ -57,7 +57,7 @@ def disc_tiles(kind: str):
 
 
 def write_masks(out_dir: Path, side_px: int) -> tuple[Path, Path]:
-    from custom.wsi.pyramid import write_pyramid
+    from custom.outputs.pyramid import write_pyramid
 
     paths = []
     for kind in ("pred", "truth"):

@@ -40,8 +40,8 @@ from custom.inference.inferer import WholeSlideInferer  # noqa: E402
 from custom.inference.segment import segment_slide  # noqa: E402
 from custom.inference.splitter import TissueTileSplitter  # noqa: E402
 from custom.networks import build_network, holohisto_tiny  # noqa: E402
+from custom.outputs.pyramid import pyramid_shapes, write_pyramid  # noqa: E402
 from custom.synth import write_synthetic_slides  # noqa: E402
-from custom.wsi.pyramid import pyramid_shapes, write_pyramid  # noqa: E402
 from custom.wsi.reader import open_slide  # noqa: E402
 
 GLASS_RGB = (242, 240, 244)

@@ -188,7 +188,7 @@ def evaluate(
         class_names: names of the labels for the per-class columns: '{1: "tuft", 2: "capsule"}' or a
             JSON file holding that mapping (a datalist's "labels" entry works).
     """
-    from custom.evaluate import evaluate_folders
+    from custom.metrics.evaluate import evaluate_folders
 
     report = evaluate_folders(
         pred_dir, gt_dir, out, patch_sizes=patch_sizes, num_classes=num_classes, class_names=class_names
@@ -214,7 +214,7 @@ def kpis_export(
         masks: also write the ground truth at 20X, <class>/mask/<id>_mask.png (needs --gt).
         overwrite: redo masks that exist.
     """
-    from custom.kpis_export import export_kpis
+    from custom.outputs.kpis_export import export_kpis
 
     written, errors = export_kpis(pred_dir, out_dir, gt_dir=gt, masks=masks, overwrite=overwrite)
     for path in written:

@@ -62,8 +62,8 @@ def view_outputs(tmp_path_factory) -> dict:
 
     from custom.metrics.report import build_report, write_reports
     from custom.outputs.geojson import mask_to_features, write_geojson
+    from custom.outputs.pyramid import write_pyramid
     from custom.synth import write_synthetic_slides
-    from custom.wsi.pyramid import write_pyramid
     from custom.wsi.reader import open_mask
 
     root = tmp_path_factory.mktemp("view")

@@ -17,12 +17,12 @@ from PIL import Image
 from scipy import stats
 
 from custom.errors import ConfigError
-from custom.evaluate import evaluate_folders
 from custom.metrics.compare import compare
+from custom.metrics.evaluate import evaluate_folders
 from custom.metrics.instances import instance_scores
 from custom.metrics.kpis import kpis_task2
 from custom.metrics.patches import count_grid, patch_dice
-from custom.wsi.pyramid import pyramid_shapes, write_pyramid
+from custom.outputs.pyramid import pyramid_shapes, write_pyramid
 from custom.wsi.reader import open_mask
 
 BUNDLE = Path(__file__).resolve().parents[1] / "holohisto_bundle"

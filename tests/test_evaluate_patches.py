@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from custom.cli import main
-from custom.evaluate_patches import patch_id, read_prediction
+from custom.metrics.evaluate_patches import patch_id, read_prediction
 from custom.metrics.kpis import kpis_patch_dice
 
 SIDE = 256  # the real patches are 2048 px; the protocol does not depend on the size

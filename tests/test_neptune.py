@@ -11,7 +11,7 @@ import pytest
 from custom.bundle import workflow
 from custom.checkpoints import read_checkpoint
 from custom.data.datalists import load_datalist
-from custom.evaluate import evaluate_folders
+from custom.metrics.evaluate import evaluate_folders
 from custom.synth.neptune import CLASS_NAMES, NUM_CLASSES, ROI_PX, write_neptune_rois
 from custom.wsi.reader import open_mask, open_slide
 

@@ -1,4 +1,4 @@
-"""custom.wsi.pyramid: streamed pyramidal TIFFs that cuCIM, OpenSlide and tifffile all open."""
+"""custom.outputs.pyramid: streamed pyramidal TIFFs that cuCIM, OpenSlide and tifffile all open."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import tifffile
 from cucim import CuImage
 
-from custom.wsi.pyramid import pyramid_shapes, write_pyramid
+from custom.outputs.pyramid import pyramid_shapes, write_pyramid
 
 MPP = 0.5
 LEVEL0_HW = (1300, 1100)  # not a multiple of the tile, so every level has clipped edge tiles

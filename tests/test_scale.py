@@ -12,8 +12,8 @@ from custom.bundle import workflow
 from custom.checkpoints import read_checkpoint
 from custom.data.patches import RandomTissuePatchDataset
 from custom.errors import ConfigError
+from custom.outputs.pyramid import pyramid_shapes, write_pyramid
 from custom.synth import build_scene, render_mask, render_rgb, write_synthetic_slides
-from custom.wsi.pyramid import pyramid_shapes, write_pyramid
 from custom.wsi.reader import open_slide
 
 PATCH = 256

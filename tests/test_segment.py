@@ -21,7 +21,7 @@ from custom.inference.splitter import TissueTileSplitter
 from custom.metrics.dice import dice_score
 from custom.metrics.instances import instance_scores
 from custom.outputs.geojson import rasterise_features
-from custom.wsi.pyramid import pyramid_shapes, write_pyramid
+from custom.outputs.pyramid import pyramid_shapes, write_pyramid
 from custom.wsi.reader import open_mask, open_slide
 
 STAINED_BELOW = 0.8  # the stand-in networks call a pixel dark when its red value is below this

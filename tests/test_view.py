@@ -23,10 +23,10 @@ from PIL import Image
 from custom.cli import main
 from custom.errors import HoloHistoError
 from custom.outputs.geojson import DEFAULT_COLOURS
+from custom.outputs.pyramid import write_pyramid
 from custom.view.catalog import Catalog
 from custom.view.dzi import OUTLINE_RGB, DziGeometry, TileNotFound, source_level
 from custom.view.server import ViewServer
-from custom.wsi.pyramid import write_pyramid
 from custom.wsi.reader import open_mask, open_slide
 
 SYNTH = "synth_31_wsi"

@@ -26,8 +26,8 @@ from custom.io import rank_world
 from custom.outputs.geojson import to_feature, trace_objects, write_geojson
 from custom.outputs.label_tiff import write_label_pyramid
 from custom.outputs.overlay import draw_rings, write_png
+from custom.outputs.pyramid import pyramid_shapes, write_pyramid
 from custom.outputs.tables import slide_summary, write_json, write_objects_csv
-from custom.wsi.pyramid import pyramid_shapes, write_pyramid
 
 logger = logging.getLogger(__name__)
 

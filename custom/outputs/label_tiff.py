@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from custom.inference.chunks import ChunkedMask
 from custom.io import atomic_write
-from custom.wsi.pyramid import CLASSIC_TIFF_MAX_RAW_BYTES, UM_PER_CM, pyramid_shapes
+from custom.outputs.pyramid import CLASSIC_TIFF_MAX_RAW_BYTES, UM_PER_CM, pyramid_shapes
 
 TILE_PX = 256
 LOOKAHEAD_TILES = 256  # tiles encoded ahead of the file writer

@@ -25,12 +25,12 @@ import numpy as np
 
 from custom.errors import ConfigError
 from custom.io import write_atomic
+from custom.outputs.pyramid import pyramid_shapes, write_pyramid
 from custom.synth.glomeruli import object_window, radii_at
 from custom.synth.paint import CoarseGrid, level_coords
 from custom.synth.render import render_rgb
 from custom.synth.scene import GLOMERULUS, MPP_DEFAULT, build_scene
 from custom.synth.tubules import INTERSTITIUM_HALF_UM, inward_px, tubule_fields
-from custom.wsi.pyramid import pyramid_shapes, write_pyramid
 
 ROI_PX = 3000
 SECTION_FACTOR = 3  # the scene is this many ROIs wide, so the ROI in its middle is inside the tissue

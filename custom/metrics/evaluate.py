@@ -5,7 +5,7 @@ same slide under a ground-truth folder (KPIs class folders work), scores every p
 `metrics.json`, `per_slide.csv`, `summary.md` and `dice_per_slide.png` (see `custom.metrics.report`).
 A file without its partner, or a slide that cannot be scored, is an entry under "errors" in the
 report; the other slides go on. A KPIs task-1 folder (<class>/<case>/img|mask/*.jpg) as ground
-truth is scored patch by patch instead (`custom.evaluate_patches`).
+truth is scored patch by patch instead (`custom.metrics.evaluate_patches`).
 
 Per slide, level 0 of both masks is read twice: once block by block for the patch and whole-slide
 Dice (which also samples the masks for the instance metrics), and once band by band by the KPIs
@@ -34,7 +34,7 @@ from custom.data.datalists import (
 )
 from custom.data.tissue import TissueCache
 from custom.errors import ConfigError, HoloHistoError, SlideError
-from custom.evaluate_patches import evaluate_patch_folders, is_patch_layout
+from custom.metrics.evaluate_patches import evaluate_patch_folders, is_patch_layout
 from custom.metrics.instances import INSTANCE_UM_PER_PX, MaskSampler, instance_factor, instance_scores
 from custom.metrics.kpis import downsample_factor, kpis_task2, remove_small_components
 from custom.metrics.patches import BLOCK_PX, DEFAULT_PATCH_PX, count_grid, patch_dice, tissue_patches

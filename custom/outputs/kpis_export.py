@@ -23,7 +23,7 @@ from custom.data.datalists import MASK_SUFFIX, _stem, kpis_class, natural_key, s
 from custom.errors import ConfigError, HoloHistoError
 from custom.io import write_atomic
 from custom.metrics.kpis import downsample_factor, iter_zoom_bands, submitted_bands
-from custom.wsi.png import write_grey_png
+from custom.outputs.png import write_grey_png
 from custom.wsi.reader import open_mask
 
 logger = logging.getLogger(__name__)
