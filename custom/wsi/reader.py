@@ -25,16 +25,13 @@ from monai.data.wsi_reader import BaseWSIReader
 from monai.utils import ensure_tuple
 
 from custom.errors import ConfigError, SlideError
-from custom.wsi.backends import (
+from custom.wsi.backends import CorruptTile, CuCIMBackend, OpenSlideBackend, TiffFileBackend
+from custom.wsi.tiff_facts import (
     OPENSLIDE_SUFFIXES,
     OPENSLIDE_TIFF_VENDORS,
     RGB_SAMPLES,
     BackendUnavailable,
-    CorruptTile,
-    CuCIMBackend,
-    OpenSlideBackend,
     TiffFacts,
-    TiffFileBackend,
     dicom_files,
     inspect_tiff,
 )
