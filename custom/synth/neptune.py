@@ -27,9 +27,10 @@ from custom.errors import ConfigError
 from custom.io import write_atomic
 from custom.outputs.pyramid import pyramid_shapes, write_pyramid
 from custom.synth.glomeruli import object_window, radii_at
+from custom.synth.layout import build_scene
 from custom.synth.paint import CoarseGrid, level_coords
 from custom.synth.render import render_rgb
-from custom.synth.scene import GLOMERULUS, MPP_DEFAULT, build_scene
+from custom.synth.scene import GLOMERULUS, MPP_DEFAULT
 from custom.synth.tubules import INTERSTITIUM_HALF_UM, inward_px, tubule_fields
 
 ROI_PX = 3000

@@ -18,8 +18,9 @@ from pathlib import Path
 from custom.errors import ConfigError
 from custom.io import write_atomic
 from custom.outputs.pyramid import pyramid_shapes, write_pyramid
+from custom.synth.layout import build_scene
 from custom.synth.render import render_mask, render_rgb
-from custom.synth.scene import DECOY, GLOMERULUS, MPP_DEFAULT, Scene, build_scene
+from custom.synth.scene import DECOY, GLOMERULUS, MPP_DEFAULT, Scene
 
 TILE_PX = 256
 JPEG_QUALITY = 90
