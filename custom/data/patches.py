@@ -27,6 +27,7 @@ from custom.data.scale import level_for_item, resize_factor
 from custom.data.tiling import grid_locations
 from custom.data.tissue import TissueCache
 from custom.errors import ConfigError
+from custom.io import rank_world
 from custom.wsi.reader import HoloWSIReader, open_mask, open_slide
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class RandomPatchStream(IterableDataset):
         raise NotImplementedError
 
     def __len__(self) -> int:
-        return self.samples_per_epoch // _world()[1]
+        return self.samples_per_epoch // rank_world()[1]
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -157,7 +158,7 @@ class RandomPatchStream(IterableDataset):
         return [self.draw(rng) for _ in range(count)]
 
     def _stream(self, info) -> np.random.Generator:
-        rank = _world()[0]
+        rank = rank_world()[0]
         if info is None:
             # main process: one generator for the whole run, so every epoch draws new patches
             if self._rng is None:
@@ -315,12 +316,6 @@ def _check_scale(level, mpp) -> None:
     if level is not None and mpp is not None:
         # inference resolves the recorded pair the same way (mpp first), so training must too
         logger.warning("patch_level %s is ignored: patches are read at patch_mpp %s um/px", level, mpp)
-
-
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class FixedTissuePatchDataset(LabelledPatchWSIDataset):
