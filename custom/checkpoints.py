@@ -8,19 +8,22 @@ checkpoint is data, never code.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from custom.errors import ConfigError
+from custom.io import atomic_write
 
 NETWORK_KEY = "network"
 CONFIG_KEY = "network_config"
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path | dict) -> dict:
+    """A checkpoint dict, read weights-only (a dict given is returned as it is, already read)."""
+    if isinstance(path, dict):
+        return path
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: checkpoint not found")
@@ -39,10 +42,16 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def config_from_checkpoint(path: str | Path | None, fallback: dict | None = None) -> dict:
-    """The network configuration recorded in a checkpoint, else `fallback` (no path, or none recorded)."""
-    if path and Path(path).is_file():
-        config = read_checkpoint(path).get(CONFIG_KEY)
+def read_if_present(path: str | Path | None) -> dict:
+    """The checkpoint at `path`, or {} when there is none (a config can then fall back to its defaults)."""
+    return read_checkpoint(path) if path and Path(path).is_file() else {}
+
+
+def config_from_checkpoint(path: str | Path | dict | None, fallback: dict | None = None) -> dict:
+    """The network configuration recorded in a checkpoint (a path or a read dict), else `fallback`."""
+    ckpt = path if isinstance(path, dict) else read_if_present(path)
+    if ckpt:
+        config = ckpt.get(CONFIG_KEY)
         if isinstance(config, dict):
             return config
     if fallback is None:
@@ -52,9 +61,12 @@ def config_from_checkpoint(path: str | Path | None, fallback: dict | None = None
     return dict(fallback)
 
 
-def load_weights(network: nn.Module, path: str | Path) -> nn.Module:
-    """Load a checkpoint's network weights strictly; a mismatch names the keys that differ."""
-    ckpt = read_checkpoint(path)
+def load_weights(network: nn.Module, path: str | Path, checkpoint: dict | None = None) -> nn.Module:
+    """Load the network weights of the checkpoint at `path` strictly; a mismatch names the keys.
+
+    `checkpoint` is that file already read (a config reads it once for everything it needs).
+    """
+    ckpt = checkpoint or read_checkpoint(path)
     state = ckpt.get(NETWORK_KEY, ckpt)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path}: has no '{NETWORK_KEY}' state dict (keys: {sorted(ckpt)[:8]})")
@@ -79,7 +91,6 @@ def save_checkpoint(path: str | Path, network: nn.Module, config: dict, **extra)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     target = getattr(network, "module", network)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({NETWORK_KEY: target.state_dict(), CONFIG_KEY: dict(config), **extra}, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save({NETWORK_KEY: target.state_dict(), CONFIG_KEY: dict(config), **extra}, tmp)
     return path

@@ -167,8 +167,10 @@ def segment_batch(
 ) -> list[SlideOutcome]:
     """Segment every slide of `inputs` (a slide, a folder or a JSON datalist); never stops on a bad slide.
 
-    Under torchrun each rank takes every world_size-th slide.
+    Under torchrun each rank takes every world_size-th slide. `class_names` may have string keys
+    (as JSON configs and checkpoints record them).
     """
+    class_names = {int(k): v for k, v in (class_names or DEFAULT_CLASS_NAMES).items()}
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
