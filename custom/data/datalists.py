@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from monai.data import partition_dataset_classes
 
 from custom.errors import ConfigError
 
@@ -137,28 +138,27 @@ def load_items(dataset_dir: str | None = None, datalist: str | None = None, requ
 def split_by_slide(items: list[dict], val_fraction: float = 0.2, seed: int = 0) -> dict[str, list[dict]]:
     """Split into {"training", "validation"} by slide (or by "case" for patch items).
 
-    Each class is split on its own so every class appears on both sides when it has two or more
-    slides; at least one slide goes to validation whenever there are two or more slides overall.
+    Each class is split on its own in proportion (MONAI's `partition_dataset_classes`); at least one
+    slide goes to validation whenever there are two or more slides overall.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     groups: dict[str, list[dict]] = defaultdict(list)
     for item in items:
         groups[item.get("case") or item["image"]].append(item)
-    by_class: dict[str, list[str]] = defaultdict(list)
-    for key, members in groups.items():
-        by_class[members[0].get("class", "")].append(key)
-    rng = np.random.default_rng(seed)
+    keys = sorted(groups)
+    names = sorted({groups[k][0].get("class", "") for k in keys})
+    classes = [names.index(groups[k][0].get("class", "")) for k in keys]
     val_keys: set[str] = set()
-    for cls in sorted(by_class):
-        keys = sorted(by_class[cls])
-        rng.shuffle(keys)
-        n_val = round(len(keys) * val_fraction) if len(keys) > 1 else 0
-        val_keys.update(keys[:n_val])
-    if val_fraction > 0 and not val_keys and len(groups) > 1:
-        val_keys.add(sorted(groups)[int(rng.integers(len(groups)))])
+    if val_fraction > 0:
+        _, val = partition_dataset_classes(
+            keys, classes, ratios=[1 - val_fraction, val_fraction], shuffle=True, seed=seed
+        )
+        val_keys = set(val)
+        if not val_keys and len(keys) > 1:  # MONAI rounds a small class to nothing: keep one slide out anyway
+            val_keys.add(keys[int(np.random.default_rng(seed).integers(len(keys)))])
     split = {"training": [], "validation": []}
-    for key in sorted(groups):
+    for key in keys:
         split["validation" if key in val_keys else "training"].extend(groups[key])
     return split
 
