@@ -98,7 +98,7 @@ def segment_slide(
             if result.probability is not None:
                 step = factor * inferer.probability_factor  # level-0 pixels per probability pixel
                 prob = side.submit(_write_probability, result.probability, paths["probability"], step, mpp)
-            objects = traced_objects(result, factor)
+            objects = traced_objects(result, factor, inferer.cleanup_px(plan)[0])
             write_geojson(
                 paths["geojson"], (to_feature(o, mpp, class_names, k) for k, o in enumerate(objects, 1))
             )
@@ -146,13 +146,15 @@ def segment_slide(
     )
 
 
-def traced_objects(result: StitchResult, factor: int) -> list:
+def traced_objects(result: StitchResult, factor: int, min_piece_px: int = 0) -> list:
     """Every kept object of a stitched slide, traced from its own box of the cells (one polygon each)."""
     labels, found = result.labels, []
     for box, seed in result.objects:
         y0, x0 = max(0, int(box[0]) - 1), max(0, int(box[1]) - 1)
         crop = labels.read(y0, int(box[2]) + 1, x0, int(box[3]) + 1)
-        found.extend(trace_objects(crop, (int(seed[0]) - y0, int(seed[1]) - x0), (y0, x0), factor))
+        found.extend(
+            trace_objects(crop, (int(seed[0]) - y0, int(seed[1]) - x0), (y0, x0), factor, min_piece_px)
+        )
     return found
 
 

@@ -77,15 +77,19 @@ def trace(mask: np.ndarray, offset: tuple[int, int], downsample: float) -> tuple
 
 
 def trace_objects(
-    crop: np.ndarray, seed: tuple[int, int], offset: tuple[int, int], downsample: float
+    crop: np.ndarray, seed: tuple[int, int], offset: tuple[int, int], downsample: float, min_piece_px: int = 0
 ) -> Iterator[TracedObject]:
-    """The object through `seed` (crop coordinates) in a label crop, one `TracedObject` per class in it."""
+    """The object through `seed` (crop coordinates) in a label crop, one `TracedObject` per class in it.
+
+    In a multi-class object each class's connected pieces are features of their own; pieces under
+    `min_piece_px` (crop pixels) are left out, as the cleanup leaves out objects that small.
+    """
     _n, components = cv2.connectedComponents((crop > 0).astype(np.uint8), connectivity=EIGHT)
     member = components == components[seed]
     classes = np.unique(crop[member])
     for cls in classes:
         part = member & (crop == cls)
-        pieces = [part] if len(classes) == 1 else _pieces(part)
+        pieces = [part] if len(classes) == 1 else [p for p in _pieces(part) if p.sum() >= min_piece_px]
         for piece in pieces:
             yield _measure(piece, int(cls), offset, downsample)
 
