@@ -29,6 +29,11 @@ from custom.wsi.tiff_facts import (
     tiff_facts,
 )
 
+# cuCIM decodes a large region's tiles on its own threads (a 4K tile is 256 JPEG tiles); the reader
+# pool already runs regions side by side, so each gets a share of the host's cores.
+CUCIM_PARALLEL_PX = 2**20
+CUCIM_READ_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 4))
+
 JPEG_SOI, JPEG_SOS, JPEG_EOI = 0xD8, 0xDA, 0xD9
 JPEG_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}  # TEM and RST0-7 carry no length
 
@@ -66,7 +71,8 @@ class CuCIMBackend:
             self._tiles.check(level, top, left, height, width)
         downsample = self._downsamples[level]
         origin = (_cucim_level0(left, downsample), _cucim_level0(top, downsample))
-        region = self._image.read_region(origin, (width, height), level)
+        workers = CUCIM_READ_WORKERS if height * width >= CUCIM_PARALLEL_PX else 0
+        region = self._image.read_region(origin, (width, height), level, num_workers=workers)
         return np.asarray(region)[..., :RGB_SAMPLES]
 
     def close(self) -> None:
