@@ -95,6 +95,9 @@ def test_the_datalist_picks_the_sampler_and_a_mix_of_tiles_and_slides_is_refused
     )
     with pytest.raises(ConfigError, match=f"^{slide}: the datalist mixes slides with image tiles"):
         random_patches(slides + tiles, patch_size=PATCH)
+    # an image whose pixel size is declared is a patch read by scale, like a slide, not a tile taken as is
+    scaled = [dict(tiles[0], mpp=0.25)]
+    assert isinstance(random_patches(scaled, patch_size=PATCH, patch_mpp=0.5), RandomTissuePatchDataset)
     with pytest.raises(ConfigError, match="no validation tiles"):
         FixedTileCropDataset([], patch_size=PATCH)
 
@@ -161,7 +164,8 @@ def test_train_json_fine_tunes_the_shipped_model_on_tile_items_as_monai_label_ru
         output_dir=str(out),
     )
     saved = read_checkpoint(out / "model.pt")
-    assert saved["network_config"] == network_config(net) and saved["input_config"] == record
+    assert saved["network_config"] == network_config(net)
+    assert saved["input_config"] == record | {"class_names": {"1": "Glomerulus"}}  # the scale trained at, and the classes
     # the codebook (k-means initialised on the first batch) and normalisation statistics move without a
     # learning rate; every weight must still be the shipped one
     weights = [

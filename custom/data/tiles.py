@@ -21,6 +21,7 @@ from monai.utils import ensure_tuple_rep
 from PIL import Image, UnidentifiedImageError
 
 from custom.data.patches import FixedTissuePatchDataset, RandomPatchStream, RandomTissuePatchDataset
+from custom.data.scale import guessed_mpp
 from custom.errors import ConfigError
 from custom.wsi.reader import MASK_PAD_VALUE, SLIDE_PAD_VALUE
 
@@ -32,9 +33,16 @@ def is_tile(path: str | Path) -> bool:
     return Path(path).suffix.lower() in TILE_SUFFIXES
 
 
+def is_scaled_image(item: dict) -> bool:
+    """An image item whose pixel size is known (an "mpp" entry, or KPIs task-1 data by its path):
+    custom.data.patches resamples those to the training scale, as it reads slides by mpp."""
+    return bool(item.get("mpp")) or guessed_mpp(item) is not None
+
+
 def holds_tiles(data: Sequence[dict]) -> bool:
-    """True when every item's image is a tile, False when none is; a mix is refused."""
-    tiles = [is_tile(item["image"]) for item in data]
+    """True when every item is a tile taken as it is (an image of unknown scale, as MONAI Label
+    sends them), False when none is; a mix is refused."""
+    tiles = [is_tile(item["image"]) and not is_scaled_image(item) for item in data]
     if any(tiles) and not all(tiles):
         tile = next(item["image"] for item, t in zip(data, tiles, strict=True) if t)
         slide = next(item["image"] for item, t in zip(data, tiles, strict=True) if not t)
@@ -84,17 +92,21 @@ def crop_padded(array: np.ndarray, top: int, left: int, size: Sequence[int], pad
 class TileCropReader:
     """Reads {"image", "label", "location": [top, left], "size": [h, w]} crops of tiles, as slide patches look."""
 
-    def __init__(self, transform=None, binarize: bool = True):
+    def __init__(self, transform=None, num_classes: int = 2):
         self.transform = transform
-        self.binarize = binarize
+        self.num_classes = int(num_classes)
 
     def read(self, item: dict) -> dict:
         image, label = read_tile(item)
         top, left = item["location"]
         image = crop_padded(image, top, left, item["size"], SLIDE_PAD_VALUE)
         label = crop_padded(label, top, left, item["size"], MASK_PAD_VALUE)
-        if self.binarize:
+        if self.num_classes == 2:
             label = label > 0
+        elif label.max() >= self.num_classes:
+            raise ConfigError(
+                f"{item['label']}: label value {label.max()} is not one of 0..{self.num_classes - 1}"
+            )
         out = {
             "image": MetaTensor(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))),
             "label": torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8))[None],
@@ -118,7 +130,7 @@ class RandomTileCropDataset(RandomPatchStream):
         foreground_ratio: float = 0.0,
         seed: int = 0,
         transform=None,
-        binarize: bool = True,
+        num_classes: int = 2,
     ):
         if not data:
             raise ConfigError("the tile sampler got an empty datalist")
@@ -127,7 +139,7 @@ class RandomTileCropDataset(RandomPatchStream):
         super().__init__(data, samples_per_epoch, seed)
         self.patch_size = tuple(int(s) for s in ensure_tuple_rep(patch_size, 2))
         self.foreground_ratio = float(foreground_ratio)
-        self.reader = TileCropReader(transform, binarize)
+        self.reader = TileCropReader(transform, num_classes)
 
     def read(self, item: dict) -> dict:
         return self.reader.read(item)
@@ -163,13 +175,13 @@ class FixedTileCropDataset(Dataset):
         foreground_ratio: float = 0.5,
         seed: int = 0,
         transform=None,
-        binarize: bool = True,
+        num_classes: int = 2,
     ):
         if not data:
             raise ConfigError("no validation tiles: give the validation split at least one labelled tile")
         sampler = RandomTileCropDataset(data, patch_size, foreground_ratio=foreground_ratio, seed=seed)
         super().__init__(sampler.fixed_items(count))
-        self.reader = TileCropReader(transform, binarize)
+        self.reader = TileCropReader(transform, num_classes)
 
     def _transform(self, index: int):
         return self.reader.read(self.data[index])
@@ -185,15 +197,15 @@ def random_patches(
     seed: int = 0,
     transform=None,
     tissue=None,
-    binarize: bool = True,
+    num_classes: int = 2,
 ):
-    """The training sampler for `data`: random tile crops for tiles, RandomTissuePatchDataset for slides.
+    """The training sampler for `data`: random tile crops for tiles, RandomTissuePatchDataset otherwise.
 
-    `patch_level`, `patch_mpp` and `tissue` apply to slides only: a tile is at the model's resolution.
+    `patch_level`, `patch_mpp` and `tissue` do not apply to tiles: a tile is at the model's resolution.
     """
     if holds_tiles(data):
         return RandomTileCropDataset(
-            data, patch_size, samples_per_epoch, foreground_ratio, seed, transform, binarize
+            data, patch_size, samples_per_epoch, foreground_ratio, seed, transform, num_classes
         )
     return RandomTissuePatchDataset(
         data,
@@ -205,7 +217,7 @@ def random_patches(
         seed=seed,
         transform=transform,
         tissue=tissue,
-        binarize=binarize,
+        num_classes=num_classes,
     )
 
 
@@ -219,11 +231,11 @@ def fixed_patches(
     seed: int = 0,
     transform=None,
     tissue=None,
-    binarize: bool = True,
+    num_classes: int = 2,
 ):
-    """The validation set for `data`: fixed tile crops for tiles, FixedTissuePatchDataset for slides."""
+    """The validation set for `data`: fixed tile crops for tiles, FixedTissuePatchDataset otherwise."""
     if holds_tiles(data):
-        return FixedTileCropDataset(data, patch_size, count, foreground_ratio, seed, transform, binarize)
+        return FixedTileCropDataset(data, patch_size, count, foreground_ratio, seed, transform, num_classes)
     return FixedTissuePatchDataset(
         data,
         patch_size=patch_size,
@@ -234,5 +246,5 @@ def fixed_patches(
         seed=seed,
         transform=transform,
         tissue=tissue,
-        binarize=binarize,
+        num_classes=num_classes,
     )
