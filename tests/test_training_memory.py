@@ -112,6 +112,8 @@ def test_group_norm_stays_in_the_autocast_dtype_within_bf16_tolerance():
     reference.load_state_dict(norm.state_dict())  # same keys: taming checkpoints load unchanged
     x = torch.randn(2, 64, 32, 32) * 3 + 1
     assert torch.equal(norm(x), reference(x))  # without autocast: exactly torch's GroupNorm
+    with torch.device("meta"):  # FLOP counting runs the net on the meta device, where autocast does not exist
+        assert taming_norm(64, 32)(torch.empty(2, 64, 8, 8)).is_meta
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = norm(x.bfloat16())
     assert low.dtype == torch.bfloat16

@@ -121,7 +121,7 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
-        if not torch.is_autocast_enabled(device):
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
             return super().forward(x)
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
