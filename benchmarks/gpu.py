@@ -1,10 +1,17 @@
 """What only a GPU can measure, in one prepared run: the full-size net and a gigapixel slide.
 
-  network     the full-size HoloHisto net (random weights): 4096 x 4096 patches per second under
-              bfloat16 autocast, batch 1 and 2, and the peak GPU memory of each
+  network     4096 x 4096 patches per second of the full-size HoloHisto net (random weights, batch 1,
+              inference mode, bfloat16 autocast) and of its speed variants, each beside the same net in
+              float32 (largest logit difference, argmax agreement) and with its peak GPU memory:
+              float32_norm (GroupNorm promoted to float32 by autocast, as before the bf16 norm),
+              default (GroupNorm/SiLU in bf16), channels_last, compile (torch.compile of the tokenizer's
+              encoder), fast (the fast preset: first downsampling folded into conv_in), fast_channels_last;
+              plus batch 2 of the default
   train       one training step (forward, DiceCE + quantizer loss, backward, AdamW) on a 4096 x 4096
-              patch under bfloat16 autocast, tokenizer trainable (train.json's default) and frozen
-  tokenizer   the full tokenizer alone: 4K patches tokenized per second, float32 and bfloat16
+              patch under bfloat16 autocast: tokenizer trainable / frozen x set_grad_checkpointing
+              off / on, and trainable + checkpointing with float32 GroupNorm. Peak memory of the first
+              step (cudnn.benchmark tries algorithms then) and of the steps after it, s per step
+  tokenizer   the full and fast tokenizers alone: 4K patches tokenized per second, float32 and bfloat16
   wsi         an 80,000 x 70,000 synthetic slide (a synthetic slide tiled periodically) segmented
               end to end with the full net, as inference.json runs it: cuCIM reads tissue tiles at
               level 0, bf16 network, stitching, cleanup, pyramidal mask, GeoJSON and overlay.
@@ -12,14 +19,17 @@
               own share (timed with a synchronise after each batch) is reported beside the wall time.
 
 Each part writes its figures to `<out>/gpu.json` as soon as it ends, so a run cut short keeps them.
+With one lent H200 and 15 minutes in all, run the parts network, train and tokenizer first (about 4
+minutes of device time after the machine starts), then wsi in what is left.
 
-    python benchmarks/gpu.py --out DIR             # on the GPU machine
+    python benchmarks/gpu.py --out DIR --parts network train tokenizer   # on the GPU machine
     python benchmarks/gpu.py --out DIR --smoke     # the same code paths, tiny sizes, on a CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -42,8 +52,9 @@ from wsi_inference import wrapped_read  # noqa: E402
 from custom.inference.inferer import WholeSlideInferer  # noqa: E402
 from custom.inference.segment import segment_slide  # noqa: E402
 from custom.inference.splitter import TissueTileSplitter  # noqa: E402
-from custom.networks import holohisto_full, holohisto_tiny  # noqa: E402
-from custom.networks.holohisto import FULL_TOKENIZER, TINY_TOKENIZER  # noqa: E402
+from custom.networks import holohisto_fast, holohisto_full, holohisto_tiny  # noqa: E402
+from custom.networks.blocks import GroupNorm  # noqa: E402
+from custom.networks.presets import fast_tokenizer, full_tokenizer, tiny_tokenizer  # noqa: E402
 from custom.outputs.pyramid import pyramid_shapes, write_pyramid  # noqa: E402
 from custom.synth import write_synthetic_slides  # noqa: E402
 from custom.training import SegmentationLoss  # noqa: E402
@@ -55,9 +66,13 @@ GIB = 2**30
 class Sizes:
     def __init__(self, smoke: bool):
         self.device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+        self.smoke = smoke
         self.net = holohisto_tiny if smoke else holohisto_full
-        self.tokenizer = TINY_TOKENIZER if smoke else FULL_TOKENIZER
-        self.patch = 512 if smoke else 4096
+        self.fast = holohisto_tiny if smoke else holohisto_fast
+        self.tokenizers = (
+            {"tiny": tiny_tokenizer()} if smoke else {"full": full_tokenizer(), "fast": fast_tokenizer()}
+        )
+        self.patch = 256 if smoke else 4096  # bf16 autocast on a CPU without bf16 units is slow
         self.runs = 2 if smoke else 8
         self.source = (2048, 2048) if smoke else (8192, 8192)
         self.slide = (6000, 5000) if smoke else (70_000, 80_000)  # (height, width)
@@ -92,38 +107,108 @@ def timed(fn, runs: int, device: str) -> float:
     return statistics.median(seconds)
 
 
-def part_network(s: Sizes) -> dict:
+NETWORK_VARIANTS = ("float32_norm", "default", "channels_last", "compile", "fast", "fast_channels_last")
+
+
+@contextlib.contextmanager
+def float32_group_norm():
+    """GroupNorm as torch runs it under autocast (promoted to float32): the tokenizer before its bf16 norm."""
+    low_precision = GroupNorm.forward
+    GroupNorm.forward = nn.GroupNorm.forward
+    try:
+        yield
+    finally:
+        GroupNorm.forward = low_precision
+
+
+def variant_net(s: Sizes, variant: str) -> nn.Module:
+    torch.manual_seed(0)
+    net = (s.fast if variant.startswith("fast") else s.net)().to(s.device).eval()
+    if variant.endswith("channels_last"):
+        net = net.to(memory_format=torch.channels_last)
+    if variant == "compile":
+        # The encoder always sees window batches of one shape: one graph, compiled once.
+        net.tokenizer.encoder = torch.compile(net.tokenizer.encoder)
+    return net
+
+
+def part_network(s: Sizes, variants: tuple[str, ...] = NETWORK_VARIANTS) -> dict:
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, s.patch, s.patch, device=s.device)
+    out: dict = {}
+    references: dict[str, torch.Tensor] = {}  # float32 logits of each preset (same seed, same weights)
+    for variant in variants:
+        preset = "fast" if variant.startswith("fast") else "full"
+        start = time.perf_counter()
+        try:
+            net = variant_net(s, variant)
+            if preset not in references:
+                with torch.inference_mode():
+                    references[preset] = net(x).float()
+            inputs = x.contiguous(memory_format=torch.channels_last) if "channels_last" in variant else x
+            norm = float32_group_norm() if variant == "float32_norm" else contextlib.nullcontext()
+
+            def forward(net=net, inputs=inputs):
+                with torch.inference_mode(), torch.autocast(s.device, dtype=torch.bfloat16):
+                    return net(inputs)
+
+            with norm:
+                reset_peak(s.device)
+                sec = timed(forward, s.runs, s.device)
+                logits = forward().float()
+            reference = references[preset]
+            out[variant] = {
+                "seconds_per_patch": sec,
+                "patches_per_s": 1 / sec,
+                "peak_gib": peak_gib(s.device),
+                "max_abs_diff_vs_float32": float((logits - reference).abs().max()),
+                "reference_abs_max": float(reference.abs().max()),
+                "argmax_agreement": float((logits.argmax(1) == reference.argmax(1)).float().mean()),
+                "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
+                "variant_s": time.perf_counter() - start,
+            }
+            del net, logits
+        except Exception as err:  # one variant failing (compile, memory) must not lose the others
+            traceback.print_exc()
+            out[variant] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+        print(variant, json.dumps(out[variant]), flush=True)
     torch.manual_seed(0)
     net = s.net().to(s.device).eval()
-    out = {"params_m": sum(p.numel() for p in net.parameters()) / 1e6}
-    for batch in (1, 2):
-        x = torch.rand(batch, 3, s.patch, s.patch, device=s.device)
-        reset_peak(s.device)
+    x2 = torch.rand(2, 3, s.patch, s.patch, device=s.device)
 
-        def forward(x=x):
-            with torch.inference_mode(), torch.autocast(s.device, dtype=torch.bfloat16):
-                return net(x)
+    def forward2():
+        with torch.inference_mode(), torch.autocast(s.device, dtype=torch.bfloat16):
+            return net(x2)
 
-        sec = timed(forward, s.runs, s.device)
-        out[f"batch{batch}"] = {
-            "seconds_per_batch": sec,
-            "patches_per_s": batch / sec,
-            "peak_gib": peak_gib(s.device),
-        }
-        del x
+    reset_peak(s.device)
+    sec = timed(forward2, s.runs, s.device)
+    out["default_batch2"] = {
+        "seconds_per_batch": sec,
+        "patches_per_s": 2 / sec,
+        "peak_gib": peak_gib(s.device),
+    }
     return out
+
+
+TRAIN_CONFIGS = (
+    ("trainable_tokenizer", False, False, False),
+    ("trainable_tokenizer_checkpointed", False, True, False),
+    ("frozen_tokenizer", True, False, False),
+    ("frozen_tokenizer_checkpointed", True, True, False),
+    ("trainable_tokenizer_checkpointed_float32_norm", False, True, True),
+)
 
 
 def part_train(s: Sizes) -> dict:
     out = {}
-    for name, frozen in (("trainable_tokenizer", False), ("frozen_tokenizer", True)):
+    for name, frozen, checkpointed, float32_norm in TRAIN_CONFIGS:
         torch.manual_seed(0)
         net = s.net(freeze_tokenizer=frozen).to(s.device).train()
+        net.set_grad_checkpointing(checkpointed)
         loss_fn = SegmentationLoss(net)
         opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
         x = torch.rand(1, 3, s.patch, s.patch, device=s.device)
         y = (torch.rand(1, 1, s.patch, s.patch, device=s.device) > 0.8).long()
-        reset_peak(s.device)
 
         def step(net=net, loss_fn=loss_fn, opt=opt, x=x, y=y):
             opt.zero_grad(set_to_none=True)
@@ -132,24 +217,38 @@ def part_train(s: Sizes) -> dict:
             loss.backward()
             opt.step()
 
+        norm = float32_group_norm() if float32_norm else contextlib.nullcontext()
         try:
-            sec = timed(step, max(2, s.runs // 2), s.device)
-            out[name] = {"seconds_per_step": sec, "peak_gib": peak_gib(s.device)}
+            with norm:
+                reset_peak(s.device)
+                step()
+                sync(s.device)
+                first = peak_gib(s.device)
+                reset_peak(s.device)
+                sec = timed(step, max(2, s.runs // 2), s.device)
+            out[name] = {
+                "seconds_per_step": sec,
+                "peak_gib": peak_gib(s.device),
+                "first_step_peak_gib": first,
+            }
         except torch.OutOfMemoryError as err:
             out[name] = {
                 "error": f"out of memory: {str(err).splitlines()[0]}",
                 "peak_gib": peak_gib(s.device),
             }
-        del net, opt, x, y
+        print(name, json.dumps(out[name]), flush=True)
+        del net, opt, x, y, loss_fn
         reset_peak(s.device)
     return out
 
 
 def part_tokenizer(s: Sizes) -> dict:
-    return {
-        "float32": tokenizer_measure(s.tokenizer, s.device, s.runs // 2, 64),
-        "bfloat16": tokenizer_measure(s.tokenizer, s.device, s.runs // 2, 64, torch.bfloat16),
-    }
+    out = {}
+    for name, config in s.tokenizers.items():
+        out[f"{name}_float32"] = tokenizer_measure(config, s.device, s.runs // 2, 64)
+        if not s.smoke:  # bf16 on a CPU without bf16 units: minutes for a 4K patch, nothing learnt
+            out[f"{name}_bfloat16"] = tokenizer_measure(config, s.device, s.runs // 2, 64, torch.bfloat16)
+    return out
 
 
 class TimedNet(nn.Module):

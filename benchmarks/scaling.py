@@ -1,9 +1,10 @@
 """How the tiny HoloHisto net's CPU time and memory grow with the input side, linear vs softmax attention.
 
     .venv/bin/python benchmarks/scaling.py [--sides 512 1024 2048 4096] [--rounds 3] [--runs 2] [--threads N]
+        [--preset tiny|fast|full]
 
-Every measurement is a fresh subprocess: build the tiny net (eval), allocate the input (batch 1,
-random [0, 1] RGB), run the forward pass under torch.no_grad once to warm up, then `--runs` timed
+Every measurement is a fresh subprocess: build the net (tiny unless `--preset` says otherwise; eval),
+allocate the input (batch 1, random [0, 1] RGB), run the forward pass under torch.no_grad once to warm up, then `--runs` timed
 passes. All configurations are measured once per round, `--rounds` times, so a burst of load from
 another job on a shared machine lands on every configuration alike rather than on one. Reported:
 
@@ -19,7 +20,7 @@ limit of its subprocess, which protects a shared machine) is reported as such. T
 4x pixels (each doubling of the side) and the goal: linear attention at most 4.4x per 4x pixels
 from 1024 to 4096, time and memory. Last, parameters and GFLOPs (torch FlopCounterMode on the meta
 device: convolutions, matrix products and attention; norms and activations are not counted) per
-4096 x 4096 patch, for the full and the tiny net.
+4096 x 4096 patch, for the full, fast and tiny nets.
 """
 
 from __future__ import annotations
@@ -53,18 +54,20 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def worker(attention: str, side_px: int, runs: int, memory_limit_gb: float, threads: int | None) -> dict:
+def worker(
+    attention: str, side_px: int, runs: int, memory_limit_gb: float, threads: int | None, preset: str = "tiny"
+) -> dict:
     """One configuration in its own process: timings of each pass and the peak memory."""
     limit_bytes = int(memory_limit_gb * BYTES_PER_GB)
     resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
     import torch
 
-    from custom.networks import holohisto_tiny
+    from custom.networks import build_network
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = holohisto_tiny(attention=attention).eval()
+    model = build_network({"name": "holohisto", "preset": preset, "attention": attention}).eval()
     images = torch.rand(1, 3, side_px, side_px)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     rss_before_kb = _status_kb("VmRSS")
@@ -87,7 +90,7 @@ def worker(attention: str, side_px: int, runs: int, memory_limit_gb: float, thre
 
 def run_config(attention: str, side_px: int, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", attention, str(side_px), "--runs", str(args.runs)]
-    command += ["--memory-limit-gb", str(args.memory_limit_gb)]
+    command += ["--memory-limit-gb", str(args.memory_limit_gb), "--preset", args.preset]
     command += ["--threads", str(args.threads)] if args.threads else []
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s, cwd=REPO)
@@ -149,10 +152,10 @@ def model_cost() -> list[str]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from custom.networks import holohisto_full, holohisto_tiny
+    from custom.networks import holohisto_fast, holohisto_full, holohisto_tiny
 
     lines = []
-    for name, factory in (("full", holohisto_full), ("tiny", holohisto_tiny)):
+    for name, factory in (("full", holohisto_full), ("fast", holohisto_fast), ("tiny", holohisto_tiny)):
         for attention in ATTENTIONS:
             with torch.device("meta"):
                 model = factory(attention=attention).eval()
@@ -182,13 +185,21 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=300.0)
     parser.add_argument("--memory-limit-gb", type=float, default=16.0)
     parser.add_argument("--skip-cost", action="store_true", help="leave out the params / GFLOPs table")
+    parser.add_argument("--preset", default="tiny", help="the net timed: tiny (default), fast or full")
     parser.add_argument("--worker", nargs=2, metavar=("ATTENTION", "SIDE_PX"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))  # `custom` lives at the repository root, not beside this script
     if args.worker:
         print(
             json.dumps(
-                worker(args.worker[0], int(args.worker[1]), args.runs, args.memory_limit_gb, args.threads)
+                worker(
+                    args.worker[0],
+                    int(args.worker[1]),
+                    args.runs,
+                    args.memory_limit_gb,
+                    args.threads,
+                    args.preset,
+                )
             )
         )
         return
@@ -199,7 +210,7 @@ def main() -> None:
     print(f"machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs")
     print(f"torch {torch.__version__}, {threads} threads; load average {os.getloadavg()[0]:.2f} at start")
     print(
-        f"tiny net, batch 1, eval, torch.no_grad; {args.rounds} rounds x (fresh subprocess, warm-up, "
+        f"{args.preset} net, batch 1, eval, torch.no_grad; {args.rounds} rounds x (fresh subprocess, warm-up, "
         f"{args.runs} timed passes); medians over all passes"
     )
     table = measure(args)

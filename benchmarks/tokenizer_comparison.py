@@ -28,9 +28,11 @@ import torch
 from custom.bundle import workflow
 from custom.data.datalists import load_items, split_by_slide
 from custom.data.patches import FixedTissuePatchDataset, RandomTissuePatchDataset
-from custom.networks.decoder import MIRRORED, Decoder, load_taming_autoencoder, vq_autoencoder
-from custom.networks.holohisto import TINY_TOKENIZER
-from custom.networks.tokenizer import VQTokenizer, load_taming_checkpoint, perplexity
+from custom.networks.decoder import Decoder, load_taming_autoencoder, vq_autoencoder
+from custom.networks.presets import tiny_tokenizer
+from custom.networks.quantizer import perplexity
+from custom.networks.taming import load_taming_checkpoint
+from custom.networks.tokenizer import VQTokenizer
 from custom.tokenizer_training import save_tokenizer
 
 SEED = 0
@@ -79,9 +81,8 @@ def probe_psnr(tokenizer, train_items, held_out, steps, seed):
     """Train a fresh decoder on the frozen tokenizer's quantized tokens; PSNR on the held-out patches."""
     torch.manual_seed(seed)
     tokenizer.eval().requires_grad_(False)
-    config = tokenizer.config
-    post = torch.nn.Conv2d(config["code_dim"], config["z_channels"], 1)
-    decoder = Decoder(out_channels=3, **{k: config[k] for k in MIRRORED})
+    post = torch.nn.Conv2d(tokenizer.cfg.code_dim, tokenizer.cfg.vqgan.z_channels, 1)
+    decoder = Decoder(tokenizer.cfg.vqgan, out_channels=3)
     opt = torch.optim.Adam([*post.parameters(), *decoder.parameters()], lr=PROBE_LR, betas=(0.5, 0.9))
     stream = RandomTissuePatchDataset(
         train_items,
@@ -119,7 +120,7 @@ def probe_psnr(tokenizer, train_items, held_out, steps, seed):
 
 def tokenizer_from_seg(path):
     state = torch.load(path, map_location="cpu", weights_only=True)
-    tok = VQTokenizer(**TINY_TOKENIZER)
+    tok = VQTokenizer(tiny_tokenizer())
     tok.load_state_dict(
         {k.removeprefix("tokenizer."): v for k, v in state["network"].items() if k.startswith("tokenizer.")}
     )
@@ -160,7 +161,7 @@ def main():
 
     # 2. random tokenizer, codebook k-means'd on its own outputs
     torch.manual_seed(SEED)
-    random_tok = VQTokenizer(**TINY_TOKENIZER)
+    random_tok = VQTokenizer(tiny_tokenizer())
     raw_perplexity, raw_used = usage(random_tok, held_out)
     with torch.no_grad():
         x = images(split["training"], KMEANS_PATCHES, MEASURE_PX, SEED + 2, fixed=False)
@@ -214,7 +215,7 @@ def main():
         recon = torch.cat([vqgan(held_out[i : i + 4]) for i in range(0, len(held_out), 4)])
     results["pathology-trained, frozen"]["own_decoder_psnr"] = psnr(recon, held_out)
     # sanity: the frozen pathology tokenizer in the seg net is bit-identical to the trained one
-    check = VQTokenizer(**TINY_TOKENIZER)
+    check = VQTokenizer(tiny_tokenizer())
     load_taming_checkpoint(check, tok_dir / "tokenizer.pt")
     seg_tok = tokenizer_from_seg(Path(results["pathology-trained, frozen"]["run_dir"]) / "final.pt")
     identical = all(

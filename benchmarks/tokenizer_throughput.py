@@ -27,7 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: `custom` lives in the repository root
 
-from custom.networks.holohisto import FULL_TOKENIZER, TINY_TOKENIZER  # noqa: E402
+from custom.networks.config import TokenizerConfig  # noqa: E402
+from custom.networks.presets import full_tokenizer, tiny_tokenizer  # noqa: E402
 from custom.networks.tokenizer import VQTokenizer  # noqa: E402
 
 PATCH_SIDE_PX = 4096
@@ -48,10 +49,10 @@ def machine() -> str:
     return "; ".join(parts)
 
 
-def measure(config: dict, device: str, runs: int, window_batch: int, autocast_dtype=None) -> dict:
+def measure(config: TokenizerConfig, device: str, runs: int, window_batch: int, autocast_dtype=None) -> dict:
     torch.manual_seed(0)
     tokenizer = (
-        VQTokenizer(**{**config, "kmeans_init": False, "window_batch": window_batch}).to(device).eval()
+        VQTokenizer(config.updated({"kmeans_init": False, "window_batch": window_batch})).to(device).eval()
     )
     patch = torch.rand(1, 3, PATCH_SIDE_PX, PATCH_SIDE_PX, device=device) * 2 - 1
     windows = (PATCH_SIDE_PX // tokenizer.window_px) ** 2
@@ -94,17 +95,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
-    rows = [("tiny", "cpu", "float32", measure(TINY_TOKENIZER, "cpu", args.runs, args.window_batch))]
+    rows = [("tiny", "cpu", "float32", measure(tiny_tokenizer(), "cpu", args.runs, args.window_batch))]
     if torch.cuda.is_available():
         rows.append(
-            ("full", "cuda", "float32", measure(FULL_TOKENIZER, "cuda", args.runs, args.window_batch))
+            ("full", "cuda", "float32", measure(full_tokenizer(), "cuda", args.runs, args.window_batch))
         )
         rows.append(
             (
                 "full",
                 "cuda",
                 "bf16 autocast",
-                measure(FULL_TOKENIZER, "cuda", args.runs, args.window_batch, torch.bfloat16),
+                measure(full_tokenizer(), "cuda", args.runs, args.window_batch, torch.bfloat16),
             )
         )
     else:

@@ -32,7 +32,9 @@ from torch import nn
 
 from custom.errors import ConfigError
 from custom.networks.decoder import VQAutoencoder, tokenizer_state_dict
-from custom.networks.tokenizer import VQTokenizer, _taming_keys, perplexity
+from custom.networks.quantizer import perplexity
+from custom.networks.taming import _taming_keys
+from custom.networks.tokenizer import VQTokenizer
 from custom.training import NonFiniteLossError
 
 logger = logging.getLogger(__name__)

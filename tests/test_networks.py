@@ -22,10 +22,10 @@ from custom.networks import (
     load_taming_checkpoint,
     network_config,
     perplexity,
+    presets,
     relu_linear_attention,
     softmax_attention,
 )
-from custom.networks.holohisto import FULL_TOKENIZER
 
 TAMING_KEYS_FILE = "taming_vqgan_f16_1024_encoder_keys.json"
 # A patch that spans several tokenizer windows and several head tiles, yet runs in well under a second.
@@ -167,7 +167,7 @@ def taming_key_shapes(fixtures_dir) -> dict[str, list[int]]:
 
 @pytest.fixture(scope="module")
 def full_tokenizer() -> VQTokenizer:
-    return VQTokenizer(**FULL_TOKENIZER)
+    return VQTokenizer(presets.full_tokenizer())
 
 
 def _random_state(key_shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
@@ -273,9 +273,8 @@ def test_checkpointed_windows_give_the_same_loss_and_gradients_with_less_kept_me
     grads, kept = {}, {}
     weights = holohisto_tiny(tokenizer={"kmeans_init": False}).state_dict()
     for flag in (False, True):
-        model = holohisto_tiny(
-            tokenizer={"checkpoint_windows": flag, "window_batch": 2, "kmeans_init": False}
-        )
+        model = holohisto_tiny(tokenizer={"window_batch": 2, "kmeans_init": False})
+        model.tokenizer.set_grad_checkpointing(flag)
         model.load_state_dict(weights)
         saved = []
 

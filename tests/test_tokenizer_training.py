@@ -15,7 +15,7 @@ from custom.bundle import workflow
 from custom.errors import ConfigError
 from custom.networks import build_network, holohisto_tiny
 from custom.networks.decoder import VQAutoencoder, load_taming_autoencoder, vq_autoencoder
-from custom.networks.holohisto import TINY_TOKENIZER
+from custom.networks.presets import tiny_tokenizer
 from custom.networks.tokenizer import VQTokenizer
 from custom.tokenizer_training import perceptual_loss, save_tokenizer
 
@@ -143,13 +143,13 @@ def test_vqgan_checkpoint_restores_the_autoencoder_and_also_feeds_the_segmentati
 
 
 def test_mismatched_tokenizer_checkpoint_fails_naming_the_keys(tmp_path):
-    fewer_codes = VQTokenizer(**{**TINY_TOKENIZER, "num_codes": 128})
+    fewer_codes = VQTokenizer(tiny_tokenizer().updated({"num_codes": 128}))
     save_tokenizer(tmp_path / "codes128.pt", fewer_codes)
     with pytest.raises(
         ConfigError, match=r"quantize\.embedding\.weight \(checkpoint \[128, 32\], tokenizer \[256, 32\]\)"
     ):
         holohisto_tiny().load_tokenizer(tmp_path / "codes128.pt")
-    save_tokenizer(tmp_path / "ok.pt", VQTokenizer(**TINY_TOKENIZER))
+    save_tokenizer(tmp_path / "ok.pt", VQTokenizer(tiny_tokenizer()))
     state = torch.load(tmp_path / "ok.pt", weights_only=True)
     del state["state_dict"]["quant_conv.bias"]
     torch.save(state, tmp_path / "missing.pt")
@@ -176,7 +176,7 @@ def test_full_size_autoencoder_keeps_taming_vqmodel_layout():
 
 
 def test_autoencoder_reconstructs_at_input_size_and_refuses_sizes_off_the_window():
-    model = VQAutoencoder(TINY_TOKENIZER).eval()
+    model = VQAutoencoder(tiny_tokenizer()).eval()
     with torch.no_grad():
         out = model(torch.rand(2, 3, 256, 512))
     assert out.shape == (2, 3, 256, 512) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0

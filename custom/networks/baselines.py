@@ -97,3 +97,9 @@ class SwinUNETRBaseline(nn.Module):
         height, width = x.shape[-2:]
         logits = self.net(pad_to_multiple(x * 2 - 1, self.size_multiple, PAD_VALUE_WHITE))
         return logits[..., :height, :width]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """MONAI's own switch: every Swin block reads `use_checkpoint` at each forward."""
+        for module in self.net.modules():
+            if hasattr(module, "use_checkpoint"):
+                module.use_checkpoint = enable

@@ -7,6 +7,8 @@ of a taming VQModel checkpoint loads key for key. It mirrors the encoder it is b
 2 x 2 sub-pixels of each half-resolution position and a pixel shuffle, so neither end of the CPU-sized
 autoencoder runs a many-channel conv at full resolution.
 
+It is built from the encoder's own `VQGANConfig` (taming's ddconfig, shared by both ends).
+
 `VQAutoencoder` = `VQTokenizer` -> post_quant_conv -> `Decoder`. It decodes each tokenizer window on its
 own, as the tokenizer encoded it: what the segmentation net later receives is exactly what the
 reconstruction was trained on. Its checkpoints use taming's VQModel layout (`taming_state_dict`), so a
@@ -17,8 +19,6 @@ on slides.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,11 @@ from torch import nn
 
 from custom.errors import ConfigError
 from custom.networks.blocks import ResnetBlock, taming_norm
-from custom.networks.tokenizer import AttnBlock, MidBlock, VQTokenizer, _taming_keys, state_dict_mismatch
+from custom.networks.config import TokenizerConfig, VQGANConfig
+from custom.networks.encoder import AttnBlock, MidBlock
+from custom.networks.presets import TOKENIZER_PRESETS
+from custom.networks.taming import _taming_keys, state_dict_mismatch
+from custom.networks.tokenizer import VQTokenizer
 
 # A taming VQModel's decoder-side keys: everything the autoencoder adds to the tokenizer.
 DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
@@ -76,30 +80,21 @@ class DecoderLevel(nn.Module):
 
 
 class Decoder(nn.Module):
-    """taming's VQGAN Decoder for a given encoder shape; z (B x z_channels x h x w) -> image in [-1, 1] scale.
+    """taming's VQGAN Decoder for an encoder's config; z (B x z_channels x h x w) -> image on the [-1, 1] scale.
 
-    Arguments are the encoder's (ddconfig names), so `Decoder(**tokenizer_config_subset)` mirrors it.
+    `Decoder(cfg)` mirrors `Encoder(cfg)`, as taming builds both from one ddconfig; out_channels defaults
+    to the encoder's input channels.
     """
 
-    def __init__(
-        self,
-        out_channels: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (16,),
-        resolution: int = 256,
-        z_channels: int = 256,
-        stem_stride: int = 1,
-        norm_groups: int = 32,
-    ):
+    def __init__(self, cfg: VQGANConfig, out_channels: int | None = None):
         super().__init__()
-        if stem_stride not in (1, 2):
-            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+        self.cfg = cfg
+        self.out_channels = cfg.in_channels if out_channels is None else out_channels
+        ch, ch_mult, stem_stride, norm_groups = cfg.ch, cfg.ch_mult, cfg.stem_stride, cfg.norm_groups
         levels = len(ch_mult)
-        block_in = ch * ch_mult[-1]
-        current_res = resolution // stem_stride // 2 ** (levels - 1)
-        self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
+        block_in = cfg.level_channels[-1]
+        current_res = cfg.resolution // stem_stride // 2 ** (levels - 1)
+        self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, 1, 1)
         self.mid = MidBlock(block_in, norm_groups)
         # Built coarsest first, stored finest first: up[i] is the level of encoder level i, as in taming.
         up: list[DecoderLevel] = []
@@ -110,8 +105,8 @@ class Decoder(nn.Module):
                 DecoderLevel(
                     block_in,
                     block_out,
-                    num_res_blocks + 1,
-                    current_res in attn_resolutions,
+                    cfg.num_res_blocks + 1,
+                    current_res in cfg.attn_resolutions,
                     i != 0,
                     norm_groups,
                 ),
@@ -122,7 +117,7 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(up)
         self.norm_out = taming_norm(block_in, norm_groups)
         # The stride-2 stem is undone by predicting stem_stride^2 sub-pixels per position (no full-res conv).
-        self.conv_out = nn.Conv2d(block_in, out_channels * stem_stride**2, 3, 1, 1)
+        self.conv_out = nn.Conv2d(block_in, self.out_channels * stem_stride**2, 3, 1, 1)
         self.unfold_stem = nn.PixelShuffle(stem_stride) if stem_stride > 1 else nn.Identity()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -132,45 +127,39 @@ class Decoder(nn.Module):
         return self.unfold_stem(self.conv_out(F.silu(self.norm_out(h))))
 
 
-# Tokenizer arguments the decoder mirrors.
-MIRRORED = (
-    "ch",
-    "ch_mult",
-    "num_res_blocks",
-    "attn_resolutions",
-    "resolution",
-    "z_channels",
-    "stem_stride",
-    "norm_groups",
-)
-
-
 class VQAutoencoder(nn.Module):
     """Tokenizer + decoder for training the tokenizer: images in [0, 1] -> reconstructions on the same scale.
 
     Args:
-        tokenizer: `VQTokenizer` arguments (e.g. holohisto's FULL_TOKENIZER or TINY_TOKENIZER).
-        decoder: `Decoder` arguments overriding the ones mirrored from the tokenizer.
+        tokenizer: the tokenizer's config (e.g. `presets.full_tokenizer()`).
+        decoder: decoder settings overriding the ones mirrored from the tokenizer's VQGAN config
+            (its keys, plus out_channels).
 
     In training mode the reconstruction is unclamped (clamping would stop gradients at saturated pixels);
     in eval mode it is clamped to [0, 1] so it is an image. `aux_loss()` is the quantizer's codebook +
     commitment loss of the last forward.
     """
 
-    def __init__(self, tokenizer: dict[str, Any] | None = None, decoder: dict[str, Any] | None = None):
+    def __init__(self, tokenizer: TokenizerConfig, decoder: dict[str, Any] | None = None):
         super().__init__()
-        self.tokenizer = VQTokenizer(**(tokenizer or {}))
-        config = self.tokenizer.config
-        decoder_args = {
-            "out_channels": config["in_channels"],
-            **{k: config[k] for k in MIRRORED},
-            **(decoder or {}),
-        }
-        self.decoder_config = copy.deepcopy(decoder_args)
-        self.post_quant_conv = nn.Conv2d(config["code_dim"], decoder_args["z_channels"], 1)
-        self.decoder = Decoder(**decoder_args)
+        self.tokenizer = VQTokenizer(tokenizer)
+        overrides = dict(decoder or {})
+        out_channels = overrides.pop("out_channels", None)
+        decoder_cfg = tokenizer.vqgan.updated(overrides, owner="decoder")
+        self.post_quant_conv = nn.Conv2d(tokenizer.code_dim, decoder_cfg.z_channels, 1)
+        self.decoder = Decoder(decoder_cfg, out_channels)
         self.window_tokens = self.tokenizer.window_px // self.tokenizer.token_stride
         self._aux_loss: torch.Tensor | None = None
+
+    @property
+    def decoder_config(self) -> dict[str, Any]:
+        """The decoder's record (vqgan.pt's decoder_config), derived from the config it was built from."""
+        mirrored = {k: v for k, v in self.decoder.cfg.to_dict().items() if k != "in_channels"}
+        return {"out_channels": self.decoder.out_channels, **mirrored}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """The tokenizer's window checkpointing (the decoder, run per window at 512 px, is not checkpointed)."""
+        self.tokenizer.set_grad_checkpointing(enable)
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -266,17 +255,17 @@ def vq_autoencoder(
     tokenizer: dict[str, Any] | None = None,
     decoder: dict[str, Any] | None = None,
     init_checkpoint: str | None = None,
+    grad_checkpointing: bool = False,
 ) -> VQAutoencoder:
-    """The autoencoder of a segmentation preset's tokenizer ("full" | "tiny"), plus overrides.
+    """The autoencoder of a segmentation preset's tokenizer ("full" | "fast" | "tiny"), plus overrides.
 
     The tokenizer it trains then has exactly the shape that preset's segmentation net loads.
     `init_checkpoint`: a taming VQModel checkpoint (or an earlier autoencoder) to start from.
     """
-    from custom.networks.holohisto import PRESETS
-
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown tokenizer preset {preset!r}; expected one of {sorted(PRESETS)}")
-    model = VQAutoencoder({**PRESETS[preset]["tokenizer"], **(tokenizer or {})}, decoder)
+    if preset not in TOKENIZER_PRESETS:
+        raise ConfigError(f"unknown tokenizer preset {preset!r}; expected one of {sorted(TOKENIZER_PRESETS)}")
+    model = VQAutoencoder(TOKENIZER_PRESETS[preset]().updated(tokenizer or {}), decoder)
+    model.set_grad_checkpointing(grad_checkpointing)
     if init_checkpoint:
         load_taming_autoencoder(model, init_checkpoint)
     return model
