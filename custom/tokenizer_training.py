@@ -20,7 +20,6 @@ decoder) on a batch of slide patches, the discriminator on the reconstruction, t
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from monai.losses import PatchAdversarialLoss
 from torch import nn
 
 from custom.errors import ConfigError
+from custom.io import write_atomic
 from custom.networks.decoder import VQAutoencoder, tokenizer_state_dict
 from custom.networks.quantizer import perplexity
 from custom.networks.taming import _taming_keys
@@ -391,8 +391,7 @@ def save_tokenizer(path: str | Path, tokenizer: VQTokenizer | VQAutoencoder) -> 
     tokenizer = getattr(_unwrap(tokenizer), "tokenizer", tokenizer)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     state = {k: v.detach().cpu() for k, v in _taming_keys(tokenizer.state_dict()).items()}
-    torch.save({"state_dict": state, "tokenizer_config": dict(tokenizer.config)}, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(
+        path, lambda tmp: torch.save({"state_dict": state, "tokenizer_config": dict(tokenizer.config)}, tmp)
+    )
