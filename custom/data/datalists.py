@@ -41,6 +41,7 @@ def load_datalist(path: str | Path, key: str | None = None, require_labels: bool
     """Items from a JSON datalist: a list of items, or a dict of lists (pick one with `key`).
 
     Relative paths are resolved against the JSON file's folder, so a datalist travels with its data.
+    Not MONAI's `load_decathlon_datalist`: it needs a named key of dict items; KPIs lists are often bare.
     """
     path = Path(path)
     if not path.is_file():

@@ -2,6 +2,9 @@
 
 Training draws patch centres from this mask and inference tiles only what it covers, so both
 spend their time on tissue, never on glass.
+
+Not MONAI's `ForegroundMask`: it thresholds the same HSV channel, but has no smoothing, no cleanup
+sized in um and no cache; ours runs once on the thumbnail that inference reads anyway.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ per component and the border pixels of cells whose neighbours have not arrived y
 full-slide array.
 
 Background that touches the slide's edge or a cell that is never inferred (glass) is open: not a hole.
+
+Not MONAI's `RemoveSmallObjects` / `FillHoles`: they judge one array, and an object here spans cells.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Dice from confusion counts, so a whole slide can be scored one tile at a time."""
+"""Dice from confusion counts, so a whole slide can be scored one tile at a time.
+
+Not MONAI's `compute_dice`: it needs both masks whole in memory, and a slide's mask is never whole.
+"""
 
 from __future__ import annotations
 
