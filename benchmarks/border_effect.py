@@ -22,7 +22,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: `custom` lives in the repository root
 
-from custom.checkpoints import config_from_checkpoint, load_weights, read_checkpoint  # noqa: E402
+from wsi_inference import trained_input  # noqa: E402
+
+from custom.checkpoints import config_from_checkpoint, load_weights  # noqa: E402
 from custom.networks import build_network  # noqa: E402
 from custom.wsi.reader import open_mask, open_slide  # noqa: E402
 
@@ -44,8 +46,7 @@ def main() -> None:
         build_network(config_from_checkpoint(args.checkpoint), load_tokenizer_checkpoint=False),
         args.checkpoint,
     ).eval()
-    trained = read_checkpoint(args.checkpoint).get("input_config", {})
-    tile, level = trained.get("patch_size", [512, 512])[0], trained.get("patch_level") or 1
+    tile, level = trained_input(args.checkpoint, args.slide)
     slide = open_slide(args.slide)
     mask = open_mask(args.slide.replace("_wsi", "_mask"))
     print(

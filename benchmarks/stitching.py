@@ -28,7 +28,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: `custom` lives in the repository root
 
-from custom.checkpoints import config_from_checkpoint, load_weights, read_checkpoint  # noqa: E402
+from wsi_inference import trained_input  # noqa: E402
+
+from custom.checkpoints import config_from_checkpoint, load_weights  # noqa: E402
 from custom.inference.inferer import WholeSlideInferer  # noqa: E402
 from custom.inference.segment import output_paths, segment_slide  # noqa: E402
 from custom.inference.splitter import TissueTileSplitter  # noqa: E402
@@ -112,13 +114,12 @@ def main() -> None:
         build_network(config_from_checkpoint(args.checkpoint), load_tokenizer_checkpoint=False),
         args.checkpoint,
     ).eval()
-    trained = read_checkpoint(args.checkpoint).get("input_config", {})
-    tile, level = trained.get("patch_size", [512, 512])[0], trained.get("patch_level", 1)
+    held_out = Path(args.slides or REPO / "runs" / "demo" / "slides" / "held_out")
+    tile, level = trained_input(args.checkpoint, held_out / "synth_900_wsi.tiff")
     print(
         f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"{args.checkpoint}: {tile}-px tiles at level {level}; load average {os.getloadavg()[0]:.1f}"
     )
-    held_out = Path(args.slides or REPO / "runs" / "demo" / "slides" / "held_out")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.out or tmp)
         big_dir = work / "slides"

@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: `custom` lives in the repository root
 
 from custom.checkpoints import config_from_checkpoint, load_weights, read_checkpoint  # noqa: E402
+from custom.data.scale import level_for_item  # noqa: E402
 from custom.inference.inferer import WholeSlideInferer  # noqa: E402
 from custom.inference.segment import segment_slide  # noqa: E402
 from custom.inference.splitter import TissueTileSplitter  # noqa: E402
@@ -59,9 +60,15 @@ def network(checkpoint: str | None):
     return holohisto_tiny().eval()
 
 
-def trained_input(checkpoint: str | None) -> tuple[int, int]:
-    config = read_checkpoint(checkpoint).get("input_config", {}) if checkpoint else {}
-    return config.get("patch_size", [512, 512])[0], config.get("patch_level", 1)
+def trained_input(checkpoint: str | None, slide: str | Path) -> tuple[int, int]:
+    """(tile side, slide level) the checkpoint was trained at, the level resolved on `slide` as inference does.
+
+    Without a checkpoint: the tiny preset's 512 px at level 1.
+    """
+    config = read_checkpoint(checkpoint).get("input_config", {}) if checkpoint else {"patch_level": 1}
+    with open_slide(slide) as src:
+        level = level_for_item(src, {"image": str(slide)}, config.get("patch_level"), config.get("patch_mpp"))
+    return config.get("patch_size", [512, 512])[0], level
 
 
 class NullNet(torch.nn.Module):
@@ -179,7 +186,7 @@ def monai_native(slide: Path, net, tile: int, level: int, overlap: int) -> tuple
 
 def part_speed(slide: Path, checkpoint: str | None, work: Path) -> dict:
     net = network(checkpoint)
-    tile, level = trained_input(checkpoint)
+    tile, level = trained_input(checkpoint, slide)
     overlap = OVERLAP_PX
     outcome, plan = ours(slide, net, tile, level, overlap, work / "ours")
     alone = network_alone(net, plan)
@@ -252,7 +259,7 @@ def part_null(slide: Path, work: Path) -> dict:
 
 
 def memory_worker(slide: str, checkpoint: str | None, out: str) -> None:
-    tile, level = trained_input(checkpoint)
+    tile, level = trained_input(checkpoint, slide)
     start = time.perf_counter()
     outcome, _ = ours(Path(slide), network(checkpoint), tile, level, OVERLAP_PX, Path(out))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -264,7 +271,7 @@ def memory_worker(slide: str, checkpoint: str | None, out: str) -> None:
 
 
 def monai_worker(slide: str, checkpoint: str | None, overlap: int) -> None:
-    tile, level = trained_input(checkpoint)
+    tile, level = trained_input(checkpoint, slide)
     seconds, tiles = monai_native(Path(slide), network(checkpoint), tile, level, overlap)
     print(json.dumps({"seconds": seconds, "tiles": tiles}))
 
@@ -287,7 +294,7 @@ def part_memory(small: Path, big: Path, checkpoint: str | None, out: Path) -> di
 
 
 def part_tissue(full: Path, quarter: Path, checkpoint: str | None, out: Path) -> dict:
-    tile, level = trained_input(checkpoint)
+    tile, level = trained_input(checkpoint, full)
     net = network(checkpoint)
     times, tiles = {}, {}
     for name, slide in (("full", full), ("quarter", quarter)):
