@@ -97,7 +97,7 @@ def test_streams_differ_per_worker_per_rank_and_per_epoch(items, monkeypatch):
     main = [s["image"].meta["location"] for s in _take(ds, 4)]
     again = [s["image"].meta["location"] for s in _take(ds, 4)]
     assert any(not np.array_equal(a, b) for a, b in zip(main, again, strict=True))
-    monkeypatch.setattr(patches, "_world", lambda: (1, 2))
+    monkeypatch.setattr(patches, "rank_world", lambda: (1, 2))  # rank 1 of 2
     other_rank = RandomTissuePatchDataset(items, patch_size=64, patch_level=2, samples_per_epoch=4, seed=0)
     assert len(other_rank) == 2
     assert not np.array_equal(_take(other_rank, 1)[0]["image"].meta["location"], main[0])
