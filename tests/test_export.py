@@ -30,7 +30,13 @@ from custom.synth import write_synthetic_slides
 from custom.wsi.reader import open_mask, open_slide
 
 REPO = Path(__file__).resolve().parents[1]
-INPUT_RECORD = {"patch_size": [512, 512], "patch_level": 1, "patch_mpp": None}
+# what training records today: the scale in um/px, the level left to each slide
+INPUT_RECORD = {
+    "patch_size": [512, 512],
+    "patch_level": None,
+    "patch_mpp": 0.5,
+    "class_names": {"1": "Glomerulus"},
+}
 MB = 2**20
 
 
@@ -255,9 +261,7 @@ def test_downloaded_bundle_trains_and_segments_with_the_repository_out_of_reach(
     _run([*monai_bundle, "run", *train], cwd=bundle, timeout=600)
     trained = read_checkpoint(run_dir / "model.pt")
     assert trained["network_config"] == network_config(build_network({"name": "holohisto", "preset": "tiny"}))
-    assert trained["input_config"] == {
-        "patch_size": [512, 512], "patch_level": None, "patch_mpp": 0.5, "class_names": {"1": "Glomerulus"},
-    }  # fmt: skip
+    assert trained["input_config"] == INPUT_RECORD  # the bundle's train.json fine-tunes the shipped model
 
     # 4. segment a slide training never saw (another seed), small to keep the test short
     (held_out,) = write_synthetic_slides(
