@@ -1,7 +1,18 @@
 """HoloHisto: end-to-end whole-slide segmentation as a MONAI bundle.
 
-The package mirrors the flow of data: `wsi` (read, write), `data` (tissue, samplers, datalists),
-`networks`, `metrics`, `synth` (synthetic kidney slides) and `cli` (the command line).
+The subpackages follow the flow of data:
+
+    synth/      synthetic kidney slides with exact ground truth (the data the demo and tests read)
+    wsi/        read: open slides and masks safely (cuCIM, OpenSlide, tifffile), chosen from the header
+    data/       sample: tissue detection, datalists and splits, random and tile patch samplers, scale
+    networks/   net: tokenizer, linear-attention ViT, head, presets, baselines
+    inference/  stitch: tissue tiles, the network, seam-free stitching, slide-wide cleanup
+    outputs/    write: pyramidal mask, GeoJSON, object tables, overlay, KPIs export
+    metrics/    measure: patch and whole-slide Dice, the KPIs protocol, object F1, reports, statistics
+    view/       review results in a browser (Deep Zoom server and page)
+
+Modules beside them: `cli` (the command line), `bundle` (running the configs), `training` and
+`tokenizer_training` (pieces the training configs compose), `checkpoints`, `export`, `demo`, `io`, `errors`.
 """
 
 from __future__ import annotations
