@@ -11,14 +11,13 @@ import torch
 from scipy import ndimage as ndi
 
 from custom.inference.chunks import ChunkedMask, max_pool2
-from custom.inference.components import SlideComponents, apply_changes, label_cell
+from custom.inference.components import SlideComponents, apply_changes, label_cell, well_composed
 from custom.inference.splitter import CellGrid
 from custom.inference.stitcher import Stitcher, channel_argmax
 from custom.outputs.geojson import (
     iter_features,
     mask_to_features,
     rasterise_features,
-    well_composed,
     write_geojson,
 )
 from custom.outputs.overlay import draw_outlines, draw_rings
@@ -92,15 +91,52 @@ def test_cleanup_judges_objects_and_holes_by_their_whole_size_across_cells():
     assert len(comps.objects(drop)) == 1
 
 
-def test_background_next_to_glass_cells_or_the_slide_edge_is_never_a_hole():
+def _cleaned(mask, cell, min_object_px, max_hole_px):
+    comps, present = _components(mask, cell, 0)
+    drop, fill = comps.decide(min_object_px=min_object_px, max_hole_px=max_hole_px)
+    cleaned = np.zeros_like(mask, np.uint8)
+    for i, j in present:
+        tile = mask[i * cell : (i + 1) * cell, j * cell : (j + 1) * cell].astype(np.uint8)
+        change = comps.changes(i, j, drop, fill)
+        if change is not None:
+            _, lf, lb = label_cell(tile)
+            tile = apply_changes(tile, lf, lb, *change, max_hole_px)
+        cleaned[i * cell : (i + 1) * cell, j * cell : (j + 1) * cell] = tile
+    return cleaned.astype(bool)
+
+
+def test_a_dropped_object_takes_its_holes_with_it():
+    """A speckled false positive goes whole (filling its pinholes used to leave them behind as specks)."""
+    mask = np.zeros((64, 64), bool)
+    mask[8:20, 8:20] = True
+    mask[9:19:2, 9:19:2] = False  # 25 one-pixel holes in a 144-px square: an object of 119 px
+    yy, xx = np.mgrid[:64, :64]
+    d2 = (yy - 44) ** 2 + (xx - 44) ** 2
+    ring = (d2 < 14**2) & (d2 >= 12**2)  # 164 px, across the corner of four cells
+    disc = d2 < 8**2  # 197 px inside the ring, a 4-px gap between them
+    mask |= ring | disc
+    both_kept = _cleaned(mask, 32, min_object_px=130, max_hole_px=400)
+    assert not both_kept[:24, :24].any()  # the lattice is gone, holes and all
+    assert np.array_equal(both_kept[24:, 24:], d2[24:, 24:] < 14**2)  # the ring's gap is its hole: filled
+    ring_dropped = _cleaned(mask, 32, min_object_px=180, max_hole_px=400)
+    assert not ring_dropped[:24, :24].any()
+    assert np.array_equal(ring_dropped, disc)  # the gap went with the ring; the disc inside it stays
+
+
+def test_background_next_to_glass_is_never_a_hole_but_a_small_notch_on_the_slide_edge_is():
     mask = np.ones((64, 96), bool)
     mask[10:14, 40:44] = False  # a real hole
-    mask[0:3, 60:63] = False  # a notch on the slide's edge
+    mask[0:3, 60:63] = False  # a notch on the slide's edge, where the tile's margin saw glass padding
     mask[28:36, 62:64] = False  # a notch against the glass cell (1, 2)
     comps, _ = _components(mask, 32, 0, missing={(1, 2)})
     _, fill = comps.decide(min_object_px=0, max_hole_px=1000)
-    filled = {comps.roots()[k] for k in np.flatnonzero(fill)}
-    assert len(filled) == 1  # only the enclosed hole
+    assert len({comps.roots()[k] for k in np.flatnonzero(fill)}) == 2  # the hole and the edge notch
+    glass_only = np.ones((64, 96), bool)
+    glass_only[28:36, 62:64] = False
+    comps, _ = _components(glass_only, 32, 0, missing={(1, 2)})
+    assert not comps.decide(min_object_px=0, max_hole_px=1000)[1].any()
+    cleaned = _cleaned(mask, 32, min_object_px=0, max_hole_px=1000)
+    assert cleaned[0:3, 60:63].all() and cleaned[10:14, 40:44].all()
 
 
 def test_chunked_mask_reads_any_region_and_halves_by_max():

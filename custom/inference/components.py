@@ -9,7 +9,9 @@ many cells it spans, so the cleanup decides per object, never per cell. Memory h
 per component and the border pixels of cells whose neighbours have not arrived yet; never a
 full-slide array.
 
-Background that touches the slide's edge or a cell that is never inferred (glass) is open: not a hole.
+Background that touches a cell that is never inferred (glass) is open: not a hole. Background that
+touches only the slide's edge is a hole when small: enclosed by one object and the edge (two objects
+that enclose it touch, so they are one), it is a notch where the tile's margin saw glass padding.
 
 Not MONAI's `RemoveSmallObjects` / `FillHoles`: they judge one array, and an object here spans cells.
 """
@@ -51,6 +53,20 @@ class LocalLabels:
     bg_area: np.ndarray
     fg_edges: dict  # side -> local labels along that side (0 = not foreground)
     bg_edges: dict
+
+
+def well_composed(mask: np.ndarray) -> np.ndarray:
+    """`mask` with every 2 x 2 diagonal-only pattern bridged, so 4- and 8-connectivity agree."""
+    out = mask.astype(bool).copy()
+    for _ in range(64):  # a bridge can create a new pattern next to it; a few passes settle it
+        a, b, c, d = out[:-1, :-1], out[:-1, 1:], out[1:, :-1], out[1:, 1:]
+        main = a & d & ~b & ~c  # [1 0; 0 1]
+        anti = b & c & ~a & ~d  # [0 1; 1 0]
+        if not (main.any() or anti.any()):
+            break
+        out[:-1, 1:] |= main  # bridge through the top-right gap pixel
+        out[:-1, :-1] |= anti  # and through the top-left one
+    return out
 
 
 def label_cell(labels: np.ndarray) -> tuple[LocalLabels, np.ndarray, np.ndarray]:
@@ -157,7 +173,8 @@ class SlideComponents:
             for (di, dj), (mine, theirs) in EDGE_NEIGHBOURS.items():
                 other = (i + di, j + dj)
                 if other not in self.present:
-                    self._open[bg_edges[mine][bg_edges[mine] > 0]] = True  # glass or the slide edge
+                    if 0 <= other[0] < self.rows and 0 <= other[1] < self.cols:  # glass, not the slide edge
+                        self._open[bg_edges[mine][bg_edges[mine] > 0]] = True
                 elif other in self.cells:
                     cell = self.cells[other]
                     self._join_edge(fg_edges[mine], cell.fg_edges[theirs], diagonal=True)
@@ -327,8 +344,12 @@ def apply_changes(
     wholly inside the cell and are under `max_hole_px` are filled too (exact, being interior).
     """
     out = labels.copy()
-    out[drop[lf]] = 0
+    dropped = drop[lf]
+    out[dropped] = 0
     holes = fill[lb]
+    if holes.any() and dropped.any():
+        # a dropped object's own holes go with it (filled, they were left behind as specks)
+        holes &= ~_enclosed(dropped)
     if holes.any():
         out[holes] = _enclosing_class(out, holes)
     if max_hole_px > 0:
@@ -336,6 +357,11 @@ def apply_changes(
         if pocket.any():
             out[pocket] = _enclosing_class(out, pocket)
     return out
+
+
+def _enclosed(barrier: np.ndarray) -> np.ndarray:
+    """Pixels that `barrier` alone encloses within the cell (4-connected, off the cell's edge)."""
+    return _interior_small(~barrier, barrier.size + 1)
 
 
 def _interior_small(binary: np.ndarray, max_px: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from custom.inference.components import well_composed
 from custom.io import atomic_write
 
 DEFAULT_COLOURS = [(0, 200, 0), (220, 40, 40), (40, 90, 230), (230, 160, 0), (160, 0, 200)]
@@ -37,20 +38,6 @@ class TracedObject:
     centroid: tuple[float, float]  # (x, y) level-0 pixels
     perimeter_px: float
     box: tuple[float, float, float, float]  # x, y, width, height in level-0 pixels
-
-
-def well_composed(mask: np.ndarray) -> np.ndarray:
-    """`mask` with every 2 x 2 diagonal-only pattern bridged, so 4- and 8-connectivity agree."""
-    out = mask.astype(bool).copy()
-    for _ in range(64):  # a bridge can create a new pattern next to it; a few passes settle it
-        a, b, c, d = out[:-1, :-1], out[:-1, 1:], out[1:, :-1], out[1:, 1:]
-        main = a & d & ~b & ~c  # [1 0; 0 1]
-        anti = b & c & ~a & ~d  # [0 1; 1 0]
-        if not (main.any() or anti.any()):
-            break
-        out[:-1, 1:] |= main  # bridge through the top-right gap pixel
-        out[:-1, :-1] |= anti  # and through the top-left one
-    return out
 
 
 def trace(mask: np.ndarray, offset: tuple[int, int], downsample: float) -> tuple[list, float]:
