@@ -3,7 +3,8 @@
 One run, the same trained model (the demo's tiny net) on held-out synthetic slides with exact truth:
   the demo's `synth_900` (8192 x 6144) and a 16,384 x 12,288 slide at a seed nobody trained on.
 Per slide and per choice (tile overlap in pixels at the inference level, crop or blend):
-  WSI Dice; object F1 (8-connected objects of both masks at 1/4 scale, IoU >= 0.5, one to one);
+  WSI Dice; object F1 (8-connected objects of both masks at 1/4 scale, IoU >= 0.5, one to one,
+  components under evaluate's 200 um^2 not counted, as `evaluate` counts them);
   GeoJSON count against the true count; fragments (GeoJSON features under min_object_um2);
   invalid polygons; the project's KPIs F1; and the time, as a ratio to no overlap.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -34,8 +36,9 @@ from custom.checkpoints import config_from_checkpoint, load_weights  # noqa: E40
 from custom.inference.inferer import WholeSlideInferer  # noqa: E402
 from custom.inference.segment import output_paths, segment_slide  # noqa: E402
 from custom.inference.splitter import TissueTileSplitter  # noqa: E402
+from custom.metrics.evaluate import INSTANCE_MIN_UM2  # noqa: E402
 from custom.metrics.instances import instance_scores  # noqa: E402
-from custom.metrics.kpis import kpis_task2  # noqa: E402
+from custom.metrics.kpis import kpis_task2, remove_small_components  # noqa: E402
 from custom.metrics.wsi import wsi_dice  # noqa: E402
 from custom.networks import build_network  # noqa: E402
 from custom.synth import write_synthetic_slides  # noqa: E402
@@ -81,10 +84,12 @@ def score(pred: Path, truth: Path, geojson: Path, min_um2: float) -> dict:
         ).is_valid
         for f in features
     )
-    truth_small = sampled(truth)
-    objects = instance_scores(sampled(pred), truth_small)
     with open_mask(pred) as p, open_mask(truth) as g:
         kpis = kpis_task2(p, g)
+        mpp = g.mpp[1]
+    # as `evaluate` counts objects: components under INSTANCE_MIN_UM2 at the sampled scale are not objects
+    min_px = math.ceil(INSTANCE_MIN_UM2 / (OBJECT_SCALE * mpp) ** 2)
+    objects = instance_scores(*(remove_small_components(sampled(m), min_px) for m in (pred, truth)))
     return {
         "wsi_dice": wsi_dice(pred, truth),
         "object_f1": objects.f1,
