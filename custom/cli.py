@@ -99,7 +99,7 @@ def train(
         max_epochs: override the number of epochs.
         resume: a final.pt/checkpoint to continue from (step count, optimizer, schedule).
         seed: sampling and initialisation seed.
-        config: an extra override config (e.g. configs/ablation_linear_projection.json).
+        config: an extra override config, by name under the bundle's configs/ (e.g. ablation_linear_projection).
     """
     from custom.bundle import workflow
 
