@@ -36,22 +36,16 @@ import sys
 import time
 from pathlib import Path
 
+from proc_memory import KB_PER_MB, reset_peak, status_kb
+
 REPO = Path(__file__).resolve().parents[1]
 ATTENTIONS = ("linear", "softmax")
 FLOP_SIDE_PX = 4096
 GOAL_GROWTH_PER_4X_PIXELS = 4.4
 GOAL_FROM_SIDE_PX = 1024
 BYTES_PER_GB = 1024**3
-KB_PER_MB = 1024
 # A pass this slow is timed once: repeating softmax attention at 4K would add minutes, not information.
 SINGLE_PASS_AFTER_S = 20.0
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def worker(
@@ -69,8 +63,8 @@ def worker(
     torch.manual_seed(0)
     model = build_network({"name": "holohisto", "preset": preset, "attention": attention}).eval()
     images = torch.rand(1, 3, side_px, side_px)
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    rss_before_kb = _status_kb("VmRSS")
+    reset_peak()
+    rss_before_kb = status_kb("VmRSS")
     wall, cpu = [], []
     with torch.no_grad():
         for _ in range(runs + 1):
@@ -84,7 +78,7 @@ def worker(
     return {
         "wall_s": wall[timed],
         "cpu_s": cpu[timed],
-        "peak_mb": (_status_kb("VmHWM") - rss_before_kb) / KB_PER_MB,
+        "peak_mb": (status_kb("VmHWM") - rss_before_kb) / KB_PER_MB,
     }
 
 

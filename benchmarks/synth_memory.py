@@ -24,18 +24,11 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from proc_memory import measured
+
 REPO = Path(__file__).resolve().parents[1]
-KB_PER_MB = 1024
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def worker(side_px: int, seed: int, out_dir: str) -> dict:
@@ -43,24 +36,15 @@ def worker(side_px: int, seed: int, out_dir: str) -> dict:
     from custom.outputs.pyramid import pyramid_shapes
     from custom.synth import write_synthetic_slides
 
-    baseline_kb = _status_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    started, cpu0 = time.perf_counter(), os.times()
-    (result,) = write_synthetic_slides(
-        out_dir, width=side_px, height=side_px, seed=seed, prefix="bench", progress=False
-    )
-    wall_s = time.perf_counter() - started
-    cpu1 = os.times()
-    peak_kb = _status_kb("VmHWM")
+    with measured() as numbers:
+        (result,) = write_synthetic_slides(
+            out_dir, width=side_px, height=side_px, seed=seed, prefix="bench", progress=False
+        )
     pixels = 2 * sum(h * w for h, w in pyramid_shapes(side_px, side_px))  # slide + mask
     return {
         "side_px": side_px,
-        "wall_s": wall_s,
-        "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
-        "mpx_per_s": pixels / 1e6 / wall_s,
-        "baseline_mb": baseline_kb / KB_PER_MB,
-        "peak_mb": peak_kb / KB_PER_MB,
-        "peak_above_baseline_mb": (peak_kb - baseline_kb) / KB_PER_MB,
+        **numbers,
+        "mpx_per_s": pixels / 1e6 / numbers["wall_s"],
         "slide_mb": result.wsi_path.stat().st_size / 1e6,
         "tissue_fraction": result.tissue_fraction,
         "n_glomeruli": result.n_glomeruli,

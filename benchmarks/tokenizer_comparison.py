@@ -127,6 +127,45 @@ def tokenizer_from_seg(path):
     return tok
 
 
+def train_bundle(configs, slides, run_dir, seed, epochs, **overrides):
+    """The bundle's train workflow of `configs` on the slides folder, run into `run_dir`."""
+    flow = workflow(
+        configs,
+        "train",
+        dataset_dir=slides,
+        output_dir=str(run_dir),
+        seed=seed,
+        max_epochs=epochs,
+        **overrides,
+    )
+    flow.run()
+    return flow
+
+
+def segmentation_arms(out):
+    """The three segmentation arms, name: (tokenizer_checkpoint, freeze_tokenizer), tokenizers in `out`."""
+    return {
+        "random, frozen": (str(out / "random_tokenizer.pt"), True),
+        "pathology-trained, frozen": (str(out / "pathology_tokenizer" / "tokenizer.pt"), True),
+        "trainable (random init)": (None, False),
+    }
+
+
+def train_arm(slides, run_dir, seed, epochs, ckpt, freeze):
+    """One segmentation arm trained (train.json + tiny.json) into `run_dir`: its Dice, steps and seconds."""
+    t = time.perf_counter()
+    flow = train_bundle(
+        ["train", "tiny"], slides, run_dir, seed, epochs, tokenizer_checkpoint=ckpt, freeze_tokenizer=freeze
+    )
+    evaluator = flow.parser.get_parsed_content("validate#evaluator")
+    return {
+        "best_dice": float(evaluator.state.best_metric),
+        "last_dice": float(evaluator.state.metrics["val_mean_dice"]),
+        "steps": int(flow.parser.get_parsed_content("train#trainer").state.iteration),
+        "seg_s": time.perf_counter() - t,
+    }
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--slides", required=True)
@@ -148,15 +187,9 @@ def main():
     t = time.perf_counter()
     tok_dir = out / "pathology_tokenizer"
     if not (tok_dir / "vqgan.pt").exists():
-        flow = workflow(
-            ["train_tokenizer", "train_tokenizer_tiny"],
-            "train",
-            dataset_dir=args.slides,
-            output_dir=str(tok_dir),
-            seed=SEED,
-            max_epochs=args.tokenizer_epochs,
+        train_bundle(
+            ["train_tokenizer", "train_tokenizer_tiny"], args.slides, tok_dir, SEED, args.tokenizer_epochs
         )
-        flow.run()
     timings["tokenizer_training_s"] = time.perf_counter() - t
 
     # 2. random tokenizer, codebook k-means'd on its own outputs
@@ -170,35 +203,12 @@ def main():
     save_tokenizer(out / "random_tokenizer.pt", random_tok)
 
     # 3. three segmentation runs
-    arms = {
-        "random, frozen": (str(out / "random_tokenizer.pt"), True),
-        "pathology-trained, frozen": (str(tok_dir / "tokenizer.pt"), True),
-        "trainable (random init)": (None, False),
-    }
+    arms = segmentation_arms(out)
     results = {}
     for name, (ckpt, freeze) in arms.items():
         run_dir = out / ("seg_" + name.split(",")[0].split(" ")[0])
-        t = time.perf_counter()
-        flow = workflow(
-            ["train", "tiny"],
-            "train",
-            dataset_dir=args.slides,
-            output_dir=str(run_dir),
-            seed=SEED,
-            max_epochs=args.seg_epochs,
-            tokenizer_checkpoint=ckpt,
-            freeze_tokenizer=freeze,
-        )
-        flow.run()
-        evaluator = flow.parser.get_parsed_content("validate#evaluator")
-        trainer = flow.parser.get_parsed_content("train#trainer")
-        results[name] = {
-            "best_dice": float(evaluator.state.best_metric),
-            "last_dice": float(evaluator.state.metrics["val_mean_dice"]),
-            "steps": int(trainer.state.iteration),
-            "seg_s": time.perf_counter() - t,
-            "run_dir": str(run_dir),
-        }
+        results[name] = train_arm(args.slides, run_dir, SEED, args.seg_epochs, ckpt, freeze)
+        results[name]["run_dir"] = str(run_dir)
         print(name, results[name], flush=True)
 
     # 4. measurements on held-out patches

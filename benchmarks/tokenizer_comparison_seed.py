@@ -6,7 +6,6 @@ python benchmarks/tokenizer_comparison_seed.py --slides SLIDES/train --held_out 
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -14,7 +13,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 import tokenizer_comparison as compare
 
-from custom.bundle import workflow
 from custom.data.datalists import load_items
 
 ap = argparse.ArgumentParser()
@@ -29,37 +27,12 @@ out = Path(args.out)
 held_out = compare.images(
     load_items(args.held_out, ""), compare.MEASURE_PATCHES, compare.MEASURE_PX, compare.SEED
 )
-arms = {
-    "random, frozen": (str(out / "random_tokenizer.pt"), True),
-    "pathology-trained, frozen": (str(out / "pathology_tokenizer" / "tokenizer.pt"), True),
-    "trainable (random init)": (None, False),
-}
 results = {}
-for name, (ckpt, freeze) in arms.items():
+for name, (ckpt, freeze) in compare.segmentation_arms(out).items():
     run_dir = out / f"seed{args.seed}_seg_{name.split(',')[0].split(' ')[0]}"
-    t = time.perf_counter()
-    flow = workflow(
-        ["train", "tiny"],
-        "train",
-        dataset_dir=args.slides,
-        output_dir=str(run_dir),
-        seed=args.seed,
-        max_epochs=args.seg_epochs,
-        tokenizer_checkpoint=ckpt,
-        freeze_tokenizer=freeze,
-    )
-    flow.run()
-    evaluator = flow.parser.get_parsed_content("validate#evaluator")
+    results[name] = compare.train_arm(args.slides, run_dir, args.seed, args.seg_epochs, ckpt, freeze)
     tok = compare.tokenizer_from_seg(run_dir / "final.pt")
-    perplexity, used = compare.usage(tok, held_out)
-    results[name] = {
-        "best_dice": float(evaluator.state.best_metric),
-        "last_dice": float(evaluator.state.metrics["val_mean_dice"]),
-        "steps": int(flow.parser.get_parsed_content("train#trainer").state.iteration),
-        "perplexity": perplexity,
-        "used_codes": used,
-        "seg_s": time.perf_counter() - t,
-    }
+    results[name]["perplexity"], results[name]["used_codes"] = compare.usage(tok, held_out)
     print(name, results[name], flush=True)
 (out / f"summary_seed{args.seed}.json").write_text(json.dumps(results, indent=2))
 print(json.dumps(results, indent=2))

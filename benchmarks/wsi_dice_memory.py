@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from proc_memory import measured
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: `custom` lives in the repository root
-KB_PER_MB = 1024
 SPACING_PX = 2500  # disc centre spacing
 RADIUS_PX = {"truth": 500, "pred": 480}
 SHIFT_PX = {"truth": (0, 0), "pred": (40, -30)}  # (y, x) of the prediction's disc centres
@@ -70,13 +70,6 @@ def write_masks(out_dir: Path, side_px: int) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def worker(method: str, pred: str, truth: str) -> dict:
     """One scoring run, in its own process."""
     from custom.metrics.dice import DiceCounts
@@ -86,32 +79,23 @@ def worker(method: str, pred: str, truth: str) -> dict:
 
     pred_mask, truth_mask = open_mask(pred), open_mask(truth)
     side = pred_mask.level_shapes[0][0]
-    baseline_kb = _status_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    started, cpu0 = time.perf_counter(), os.times()
-    if method == "stream":
-        dice = wsi_dice_counts(pred_mask, truth_mask).mean()
-    elif method == "grid":
-        dice = count_grid(pred_mask, truth_mask, cell_px=4096).total().mean()
-    else:
-        p = pred_mask.read_level(0, max_pixels=side * side)
-        g = truth_mask.read_level(0, max_pixels=side * side)
-        counts = DiceCounts()
-        counts.add(p, g)
-        dice = counts.dice()
-    wall_s = time.perf_counter() - started
-    cpu1 = os.times()
-    peak_kb = _status_kb("VmHWM")
+    with measured() as numbers:
+        if method == "stream":
+            dice = wsi_dice_counts(pred_mask, truth_mask).mean()
+        elif method == "grid":
+            dice = count_grid(pred_mask, truth_mask, cell_px=4096).total().mean()
+        else:
+            p = pred_mask.read_level(0, max_pixels=side * side)
+            g = truth_mask.read_level(0, max_pixels=side * side)
+            counts = DiceCounts()
+            counts.add(p, g)
+            dice = counts.dice()
     return {
         "method": method,
         "side_px": side,
         "dice": dice,
-        "wall_s": wall_s,
-        "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
-        "mpx_per_s": 2 * side * side / 1e6 / wall_s,
-        "baseline_mb": baseline_kb / KB_PER_MB,
-        "peak_mb": peak_kb / KB_PER_MB,
-        "peak_above_baseline_mb": (peak_kb - baseline_kb) / KB_PER_MB,
+        **numbers,
+        "mpx_per_s": 2 * side * side / 1e6 / numbers["wall_s"],
     }
 
 

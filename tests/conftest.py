@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -29,6 +30,41 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def slides_dir() -> Path:
     return SLIDES
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for the module that asks (`usefixtures`), restored after it.
+
+    On a 2-core machine shared with other jobs, two OpenMP threads stall at barriers.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def requirements_pins() -> dict[str, str]:
+    """name: version of every `name==version` line of the repository's requirements.txt."""
+    lines = (REPO / "requirements.txt").read_text().split("\n")
+    return dict(line.split("==") for line in lines if "==" in line)
+
+
+@pytest.fixture(scope="session")
+def metadata_pins() -> dict[str, str]:
+    """name: version of every package the bundle's metadata.json pins (monai, torch, numpy and the rest)."""
+    from custom.bundle import bundle_root
+
+    metadata = json.loads((bundle_root() / "configs" / "metadata.json").read_text())
+    return {
+        "monai": metadata["monai_version"],
+        "torch": metadata["pytorch_version"],
+        "numpy": metadata["numpy_version"],
+        **metadata["required_packages_version"],
+    }
 
 
 @pytest.fixture(scope="session")

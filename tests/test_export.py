@@ -178,20 +178,13 @@ def test_command_line_export_writes_the_same_zip(exported, trained_checkpoint, t
     assert (tmp_path / exported.name).read_bytes() == exported.read_bytes()
 
 
-def test_requirements_txt_pins_what_metadata_lists_at_the_repository_versions(exported):
+def test_requirements_txt_pins_what_metadata_lists_at_the_repository_versions(
+    exported, metadata_pins, requirements_pins
+):
     shipped = zipfile.ZipFile(exported).read(f"{BUNDLE_NAME}/requirements.txt").decode().split()
     pins = dict(line.split("==") for line in shipped)
-    metadata = json.loads((bundle_root() / "configs" / "metadata.json").read_text())
-    assert pins == {
-        "monai": metadata["monai_version"],
-        "torch": metadata["pytorch_version"],
-        "numpy": metadata["numpy_version"],
-        **metadata["required_packages_version"],
-    }
-    repo_pins = dict(
-        line.split("==") for line in (REPO / "requirements.txt").read_text().split("\n") if "==" in line
-    )
-    assert {name: repo_pins.get(name) for name in pins} == pins
+    assert pins == metadata_pins
+    assert {name: requirements_pins.get(name) for name in pins} == pins
     # this environment satisfies them, so the tests below run the bundle the way its users will
     assert {name: Version(installed_version(name)).public for name in pins} == pins
 

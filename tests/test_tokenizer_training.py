@@ -30,13 +30,7 @@ ADVERSARIAL_START = 8
 LEARNING_RATE = 2e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a 2-core machine shared with other jobs, two OpenMP threads stall at barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

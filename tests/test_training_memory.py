@@ -22,13 +22,7 @@ BUNDLE = Path(__file__).resolve().parents[1] / "holohisto_bundle"
 SIDE_PX = 512  # two tokenizer windows a side: the window batches below split the patch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a 2-core machine shared with other jobs, two OpenMP threads stall at barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @contextlib.contextmanager

@@ -104,18 +104,10 @@ def test_json_is_indented_with_4_spaces(name):
     assert text == json.dumps(json.loads(text), indent=4, ensure_ascii=False) + "\n"
 
 
-def test_metadata_lists_every_package_the_code_imports_at_the_pinned_version():
-    metadata = json.loads((bundle_root() / "configs" / "metadata.json").read_text())
-    listed = {
-        "monai": metadata["monai_version"],
-        "torch": metadata["pytorch_version"],
-        "numpy": metadata["numpy_version"],
-        **metadata["required_packages_version"],
-    }
-    pins = dict(
-        line.split("==") for line in (REPO / "requirements.txt").read_text().split("\n") if "==" in line
-    )
-    assert {name: pins.get(name) for name in listed} == listed
+def test_metadata_lists_every_package_the_code_imports_at_the_pinned_version(
+    metadata_pins, requirements_pins
+):
+    assert {name: requirements_pins.get(name) for name in metadata_pins} == metadata_pins
 
     imported, optional = set(), set()
     for source in (REPO / "custom").rglob("*.py"):
@@ -129,7 +121,9 @@ def test_metadata_lists_every_package_the_code_imports_at_the_pinned_version():
     third_party = imported - optional - set(sys.stdlib_module_names) - {"custom", "__future__"}
     assert {"torch", "monai", "cv2", "tifffile", "openslide", "cucim"} <= third_party
     providers = packages_distributions()
-    unlisted = {module for module in third_party if not {d.lower() for d in providers[module]} & set(listed)}
+    unlisted = {
+        module for module in third_party if not {d.lower() for d in providers[module]} & set(metadata_pins)
+    }
     assert unlisted == set()
 
 

@@ -90,14 +90,7 @@ def discover_kpis_slides(root: str | Path, require_labels: bool = True) -> list[
     for image in sorted(root.rglob(f"*{WSI_SUFFIX}.*")):
         if image.suffix.lower() not in SLIDE_EXTENSIONS:
             continue
-        item = {"image": str(image.resolve())}
-        mask = masks.get(slide_id(image))
-        if mask is not None:
-            item["label"] = str(mask.resolve())
-        cls = _kpis_class(image, root)
-        if cls is not None:
-            item["class"] = cls
-        items.append(item)
+        items.append(_kpis_item(image, masks.get(slide_id(image)), image, root))
     if not items:
         raise ConfigError(f"{root}: no slides named <id>{WSI_SUFFIX}.tiff found (KPIs task-2 layout)")
     return _checked(items, str(root), require_labels)
@@ -112,13 +105,7 @@ def discover_kpis_patches(root: str | Path) -> list[dict]:
     for image in sorted(root.rglob(TASK1_IMAGE_GLOB)):
         mask = image.parent.parent / "mask" / image.name.replace("_img.jpg", "_mask.jpg")
         case_dir = image.parent.parent
-        item = {"image": str(image.resolve()), "case": case_dir.name}
-        if mask.is_file():
-            item["label"] = str(mask.resolve())
-        cls = _kpis_class(case_dir, root)
-        if cls is not None:
-            item["class"] = cls
-        items.append(item)
+        items.append(_kpis_item(image, mask if mask.is_file() else None, case_dir, root, case=case_dir.name))
     if not items:
         raise ConfigError(f"{root}: no <class>/<case>/img/*_img.jpg patches found (KPIs task-1 layout)")
     return _checked(items, str(root), require_labels=True)
@@ -187,6 +174,17 @@ def kpis_class(name: str) -> str | None:
     """The KPIs class a folder name stands for, in the data's spelling (56NX and 56Nx are one class)."""
     name = CLASS_SPELLINGS.get(name, name)
     return name if name in KPIS_CLASSES else None
+
+
+def _kpis_item(image: Path, mask: Path | None, class_path: Path, root: Path, **extra: str) -> dict:
+    """A discovered image's item: its mask if it has one, the class of the folder `class_path` is in."""
+    item = {"image": str(image.resolve()), **extra}
+    if mask is not None:
+        item["label"] = str(mask.resolve())
+    cls = _kpis_class(class_path, root)
+    if cls is not None:
+        item["class"] = cls
+    return item
 
 
 def _kpis_class(path: Path, root: Path) -> str | None:

@@ -169,6 +169,13 @@ class RandomPatchStream(IterableDataset):
         return np.random.default_rng([self.seed, rank, info.id, torch.initial_seed() % 2**63])
 
 
+def draw_settings(patch_size: int | Sequence[int], foreground_ratio: float) -> tuple[tuple[int, ...], float]:
+    """A random sampler's patch (h, w) and its foreground_ratio, which must be a fraction."""
+    if not 0.0 <= foreground_ratio <= 1.0:
+        raise ConfigError(f"foreground_ratio must be in [0, 1], got {foreground_ratio}")
+    return tuple(int(s) for s in ensure_tuple_rep(patch_size, 2)), float(foreground_ratio)
+
+
 class RandomTissuePatchDataset(RandomPatchStream):
     """An endless supply of patches centred uniformly on tissue, drawn afresh every epoch.
 
@@ -200,14 +207,11 @@ class RandomTissuePatchDataset(RandomPatchStream):
     ):
         if not data:
             raise ConfigError("the random patch sampler got an empty datalist")
-        if not 0.0 <= foreground_ratio <= 1.0:
-            raise ConfigError(f"foreground_ratio must be in [0, 1], got {foreground_ratio}")
         super().__init__(data, samples_per_epoch, seed)
+        self.patch_size, self.foreground_ratio = draw_settings(patch_size, foreground_ratio)
         _check_scale(patch_level, patch_mpp)
-        self.patch_size = tuple(int(s) for s in ensure_tuple_rep(patch_size, 2))
         self.patch_level, self.patch_mpp = patch_level, patch_mpp
-        self.foreground_ratio = float(foreground_ratio)
-        self.tissue = tissue if isinstance(tissue, TissueCache) else TissueCache(**(tissue or {}))
+        self.tissue = tissue_cache(tissue)
         self.backend = backend
         self.reader = LabelledPatchWSIDataset(
             [], transform=transform, num_classes=num_classes, reader=HoloWSIReader(slide_backend=backend)
@@ -291,7 +295,7 @@ class TilePatchDataset(LabelledPatchWSIDataset):
     ):
         _check_scale(patch_level, patch_mpp)
         size = tuple(int(s) for s in ensure_tuple_rep(patch_size, 2))
-        cache = tissue if isinstance(tissue, TissueCache) else TissueCache(**(tissue or {}))
+        cache = tissue_cache(tissue)
         items = []
         for item in data:
             if is_image_item(item):
@@ -312,6 +316,11 @@ class TilePatchDataset(LabelledPatchWSIDataset):
         super().__init__(items, transform=transform, num_classes=num_classes)
 
 
+def tissue_cache(tissue: TissueCache | dict | None) -> TissueCache:
+    """The samplers' `tissue` argument as a TissueCache: one given as is, else one built from its settings."""
+    return tissue if isinstance(tissue, TissueCache) else TissueCache(**(tissue or {}))
+
+
 def _check_scale(level, mpp) -> None:
     if level is not None and mpp is not None:
         # inference resolves the recorded pair the same way (mpp first), so training must too
@@ -322,32 +331,22 @@ class FixedTissuePatchDataset(LabelledPatchWSIDataset):
     """A fixed set of patches drawn once from slides (validation): the same patches every epoch.
 
     `data` is a list of slides ({"image", "label"}), as MONAI Label sets `validate#dataset#data`.
+    The `count` patches are the draws of a RandomTissuePatchDataset with this `foreground_ratio` and
+    the `sampler_settings` given (its patch_size, patch_level, patch_mpp, seed, tissue).
     """
 
     def __init__(
         self,
         data: Sequence[dict],
-        patch_size: int | Sequence[int] = 4096,
-        patch_level: int | None = None,
-        patch_mpp: float | None = None,
         count: int = 16,
         foreground_ratio: float = 0.5,
-        seed: int = 0,
         transform=None,
-        tissue: TissueCache | dict | None = None,
         num_classes: int = 2,
+        **sampler_settings,
     ):
         if not data:
             raise ConfigError(
                 "no validation slides: use at least two slides, or set a datalist with validation items"
             )
-        sampler = RandomTissuePatchDataset(
-            data,
-            patch_size=patch_size,
-            patch_level=patch_level,
-            patch_mpp=patch_mpp,
-            foreground_ratio=foreground_ratio,
-            seed=seed,
-            tissue=tissue,
-        )
+        sampler = RandomTissuePatchDataset(data, foreground_ratio=foreground_ratio, **sampler_settings)
         super().__init__(sampler.fixed_items(count), transform=transform, num_classes=num_classes)

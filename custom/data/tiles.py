@@ -17,10 +17,14 @@ import numpy as np
 import torch
 from monai.data import Dataset, MetaTensor
 from monai.transforms import apply_transform
-from monai.utils import ensure_tuple_rep
 from PIL import Image, UnidentifiedImageError
 
-from custom.data.patches import FixedTissuePatchDataset, RandomPatchStream, RandomTissuePatchDataset
+from custom.data.patches import (
+    FixedTissuePatchDataset,
+    RandomPatchStream,
+    RandomTissuePatchDataset,
+    draw_settings,
+)
 from custom.data.scale import guessed_mpp
 from custom.errors import ConfigError
 from custom.wsi.reader import MASK_PAD_VALUE, SLIDE_PAD_VALUE
@@ -134,11 +138,8 @@ class RandomTileCropDataset(RandomPatchStream):
     ):
         if not data:
             raise ConfigError("the tile sampler got an empty datalist")
-        if not 0.0 <= foreground_ratio <= 1.0:
-            raise ConfigError(f"foreground_ratio must be in [0, 1], got {foreground_ratio}")
         super().__init__(data, samples_per_epoch, seed)
-        self.patch_size = tuple(int(s) for s in ensure_tuple_rep(patch_size, 2))
-        self.foreground_ratio = float(foreground_ratio)
+        self.patch_size, self.foreground_ratio = draw_settings(patch_size, foreground_ratio)
         self.reader = TileCropReader(transform, num_classes)
 
     def read(self, item: dict) -> dict:
@@ -187,64 +188,32 @@ class FixedTileCropDataset(Dataset):
         return self.reader.read(self.data[index])
 
 
-def random_patches(
-    data: Sequence[dict],
-    patch_size: int | Sequence[int] = 4096,
-    patch_level: int | None = None,
-    patch_mpp: float | None = None,
-    samples_per_epoch: int = 64,
-    foreground_ratio: float = 0.0,
-    seed: int = 0,
-    transform=None,
-    tissue=None,
-    num_classes: int = 2,
-):
+# A tile is read as it is, whole and at the model's resolution: the slide samplers' scale and tissue
+# settings do not apply to it.
+SLIDE_ONLY_SETTINGS = frozenset({"patch_level", "patch_mpp", "tissue"})
+
+
+def _sampler_for(data: Sequence[dict], for_tiles, for_slides, settings: dict):
+    """`for_tiles` when `data` holds tiles (given the settings that apply to tiles), else `for_slides`."""
+    if holds_tiles(data):
+        return for_tiles(data, **{k: v for k, v in settings.items() if k not in SLIDE_ONLY_SETTINGS})
+    return for_slides(data, **settings)
+
+
+def random_patches(data: Sequence[dict], **settings):
     """The training sampler for `data`: random tile crops for tiles, RandomTissuePatchDataset otherwise.
 
-    `patch_level`, `patch_mpp` and `tissue` do not apply to tiles: a tile is at the model's resolution.
+    `settings` are RandomTissuePatchDataset's (patch_size, patch_level, patch_mpp, samples_per_epoch,
+    foreground_ratio, seed, transform, tissue, num_classes); `patch_level`, `patch_mpp` and `tissue`
+    do not apply to tiles: a tile is at the model's resolution.
     """
-    if holds_tiles(data):
-        return RandomTileCropDataset(
-            data, patch_size, samples_per_epoch, foreground_ratio, seed, transform, num_classes
-        )
-    return RandomTissuePatchDataset(
-        data,
-        patch_size=patch_size,
-        patch_level=patch_level,
-        patch_mpp=patch_mpp,
-        samples_per_epoch=samples_per_epoch,
-        foreground_ratio=foreground_ratio,
-        seed=seed,
-        transform=transform,
-        tissue=tissue,
-        num_classes=num_classes,
-    )
+    return _sampler_for(data, RandomTileCropDataset, RandomTissuePatchDataset, settings)
 
 
-def fixed_patches(
-    data: Sequence[dict],
-    patch_size: int | Sequence[int] = 4096,
-    patch_level: int | None = None,
-    patch_mpp: float | None = None,
-    count: int = 16,
-    foreground_ratio: float = 0.5,
-    seed: int = 0,
-    transform=None,
-    tissue=None,
-    num_classes: int = 2,
-):
-    """The validation set for `data`: fixed tile crops for tiles, FixedTissuePatchDataset otherwise."""
-    if holds_tiles(data):
-        return FixedTileCropDataset(data, patch_size, count, foreground_ratio, seed, transform, num_classes)
-    return FixedTissuePatchDataset(
-        data,
-        patch_size=patch_size,
-        patch_level=patch_level,
-        patch_mpp=patch_mpp,
-        count=count,
-        foreground_ratio=foreground_ratio,
-        seed=seed,
-        transform=transform,
-        tissue=tissue,
-        num_classes=num_classes,
-    )
+def fixed_patches(data: Sequence[dict], **settings):
+    """The validation set for `data`: fixed tile crops for tiles, FixedTissuePatchDataset otherwise.
+
+    `settings` are FixedTissuePatchDataset's (count, foreground_ratio, transform, num_classes and its
+    sampler's patch_size, patch_level, patch_mpp, seed, tissue); tiles drop the same ones as in random_patches.
+    """
+    return _sampler_for(data, FixedTileCropDataset, FixedTissuePatchDataset, settings)

@@ -32,7 +32,7 @@ from custom.networks.blocks import ResnetBlock, taming_norm
 from custom.networks.config import TokenizerConfig, VQGANConfig
 from custom.networks.encoder import AttnBlock, MidBlock
 from custom.networks.presets import TOKENIZER_PRESETS
-from custom.networks.taming import _taming_keys, state_dict_mismatch
+from custom.networks.taming import _taming_keys, read_state_dict, state_dict_mismatch
 from custom.networks.tokenizer import VQTokenizer
 
 # A taming VQModel's decoder-side keys: everything the autoencoder adds to the tokenizer.
@@ -237,17 +237,7 @@ def tokenizer_state_dict(autoencoder: VQAutoencoder) -> dict[str, torch.Tensor]:
 
 def load_taming_autoencoder(autoencoder: VQAutoencoder, path: str | Path) -> None:
     """Initialise tokenizer and decoder from a taming VQModel `.ckpt` (or one of ours), read weights-only."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: autoencoder checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # the unpickler raises many types; all mean "not a weights file we can read"
-        raise ConfigError(f"{path}: cannot be read as a weights-only torch checkpoint ({err})") from err
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ConfigError(f"{path}: expected a state dict or a dict with 'state_dict'")
-    autoencoder.load_taming_state_dict(state, source=str(path))
+    autoencoder.load_taming_state_dict(read_state_dict(path, "autoencoder"), source=str(path))
 
 
 def vq_autoencoder(

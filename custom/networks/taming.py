@@ -46,19 +46,14 @@ def _listed(keys: list[str]) -> str:
     return shown + (f" and {len(keys) - LISTED_KEYS} more" if len(keys) > LISTED_KEYS else "")
 
 
-def load_taming_checkpoint(module: nn.Module, path: str | Path) -> None:
-    """Load a taming-transformers VQModel checkpoint into a `VQTokenizer` (or a net holding `.tokenizer`).
+def read_state_dict(path: str | Path, kind: str) -> dict:
+    """The state dict of a weights-only torch checkpoint file: a bare one, or a `.ckpt` dict's `state_dict`.
 
-    Accepts a `.ckpt` dict with a `state_dict` or a bare state dict, read with weights_only=True. Keeps
-    encoder.*, quant_conv.* and quantize.embedding.weight; every one of those the tokenizer has must be
-    present with the same shape, and none may be extra. Raises ConfigError naming what does not fit.
+    `kind` names the checkpoint in the error when the file is missing.
     """
-    tokenizer = getattr(module, "tokenizer", module)
-    if not isinstance(tokenizer, VQTokenizer):
-        raise ConfigError(f"{type(module).__name__} has no VQ tokenizer to load {path} into")
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: tokenizer checkpoint not found")
+        raise ConfigError(f"{path}: {kind} checkpoint not found")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # the unpickler raises many types; all mean "not a weights file we can read"
@@ -69,7 +64,20 @@ def load_taming_checkpoint(module: nn.Module, path: str | Path) -> None:
         raise ConfigError(
             f"{path}: expected a state dict or a dict with 'state_dict', got {type(checkpoint).__name__}"
         )
-    given = _taming_keys(checkpoint)
+    return checkpoint
+
+
+def load_taming_checkpoint(module: nn.Module, path: str | Path) -> None:
+    """Load a taming-transformers VQModel checkpoint into a `VQTokenizer` (or a net holding `.tokenizer`).
+
+    Accepts a `.ckpt` dict with a `state_dict` or a bare state dict, read with weights_only=True. Keeps
+    encoder.*, quant_conv.* and quantize.embedding.weight; every one of those the tokenizer has must be
+    present with the same shape, and none may be extra. Raises ConfigError naming what does not fit.
+    """
+    tokenizer = getattr(module, "tokenizer", module)
+    if not isinstance(tokenizer, VQTokenizer):
+        raise ConfigError(f"{type(module).__name__} has no VQ tokenizer to load {path} into")
+    given = _taming_keys(read_state_dict(path, "tokenizer"))
     problems = state_dict_mismatch(given, _taming_keys(tokenizer.state_dict()), "tokenizer")
     if problems:
         raise ConfigError(
