@@ -1,0 +1,50 @@
+"""benchmarks/context.py --smoke end to end: synthesis, probe, training, segmentation, evaluation, context.json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_context_smoke_writes_both_quick_rows(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "context.py"), "--smoke", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "context.json").read_text())
+
+    entries = {(e["row"], e["seed"]): e for e in result["rows"]}
+    assert set(entries) == {("large_context", 0), ("tiles_512", 0)}
+    # Smoke caps the large context at 1024 px; both rows read level 2 (1.0 um/px) of 0.25 um/px slides.
+    expected_um = {"large_context": 1024.0, "tiles_512": 512.0}
+    for (row, _), entry in entries.items():
+        assert (entry["mpp"], entry["level"]) == (1.0, 2)
+        assert entry["context_um"] == entry["side_px"] * entry["mpp"] == expected_um[row]
+        for key in ("wsi_dice", "object_f1", "decoy_rejection", "glomerulus_recall"):
+            assert 0.0 <= entry[key] <= 1.0, (row, key, entry[key])
+        assert entry["train_s"] > 0
+        assert entry["steps"] >= 1 and entry["decoys"] >= 1 and entry["glomeruli"] >= 1
+        assert set(entry["slides"]) == {"synth_902", "synth_903"}
+
+    # The per-slide figures pool into the row's: rejection counts decoys, recall counts glomeruli.
+    e = entries["large_context", 0]
+    called = sum(s["decoys_called_glomerulus"] for s in e["slides"].values())
+    assert e["decoy_rejection"] == 1 - called / e["decoys"]
+
+    (comparison,) = result["wilcoxon"]
+    assert (comparison["row"], comparison["against"], comparison["n_pairs"]) == (
+        "large_context",
+        "tiles_512",
+        2,
+    )
+    assert result["settings"]["mode"] == "smoke" and "equal wall clock" in result["settings"]["budget"]
+    assert "| HoloHisto tiny, large context (`large_context`) | 1024 @ 1 (2) | 1024 |" in done.stdout
+    assert "`large_context` vs `tiles_512`: 2 pairs" in done.stdout
