@@ -204,11 +204,18 @@ function zoomTo(index) {
   const { x, y, width, height } = feature.box;
   const side = Math.max(width, height, 1) * ZOOM_MARGIN;
   const rect = new OpenSeadragon.Rect(x + width / 2 - side / 2, y + height / 2 - side / 2, side, side);
-  state.viewer.viewport.fitBounds(base.imageToViewportRectangle(rect));
+  const viewport = state.viewer.viewport;
+  viewport.fitBounds(base.imageToViewportRectangle(rect));
   for (const f of state.features) f.node.classList.remove("selected");
   feature.node.classList.add("selected");
   for (const item of $("objects").children) item.classList.toggle("active", Number(item.dataset.index) === index);
-  state.zoomedTo = index;
+  // the spring starts on the next frame: until it ends, the view is not yet the object's
+  if (viewport.getBounds(true).equals(viewport.getBounds())) {
+    state.zoomedTo = index;
+  } else {
+    state.animating = true;
+    state.viewer.addOnceHandler("animation-finish", () => (state.zoomedTo = index));
+  }
 }
 
 async function main() {
