@@ -28,9 +28,9 @@ from einops import rearrange
 from torch import nn
 
 from custom.errors import ConfigError
-from custom.networks.blocks import ResnetBlock, taming_norm
+from custom.networks.blocks import taming_norm
 from custom.networks.config import TokenizerConfig, VQGANConfig
-from custom.networks.encoder import AttnBlock, MidBlock
+from custom.networks.encoder import MidBlock, ResnetStack
 from custom.networks.presets import TOKENIZER_PRESETS
 from custom.networks.taming import _taming_keys, read_state_dict, state_dict_mismatch
 from custom.networks.tokenizer import VQTokenizer
@@ -51,34 +51,6 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=float(UPSAMPLE_FACTOR), mode="nearest"))
 
 
-class DecoderLevel(nn.Module):
-    """One resolution of the decoder: num_res_blocks + 1 ResnetBlocks (taming's count), attention, upsampling."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        num_blocks: int,
-        attn: bool,
-        upsample: bool,
-        norm_groups: int,
-    ):
-        super().__init__()
-        self.block = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, norm_groups)
-            for i in range(num_blocks)
-        )
-        self.attn = nn.ModuleList(AttnBlock(out_channels, norm_groups) for _ in range(num_blocks) if attn)
-        self.upsample = Upsample(out_channels) if upsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, block in enumerate(self.block):
-            x = block(x)
-            if len(self.attn):
-                x = self.attn[i](x)
-        return x if self.upsample is None else self.upsample(x)
-
-
 class Decoder(nn.Module):
     """taming's VQGAN Decoder for an encoder's config; z (B x z_channels x h x w) -> image on the [-1, 1] scale.
 
@@ -97,20 +69,15 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, 1, 1)
         self.mid = MidBlock(block_in, norm_groups)
         # Built coarsest first, stored finest first: up[i] is the level of encoder level i, as in taming.
-        up: list[DecoderLevel] = []
+        # A decoder level has num_res_blocks + 1 ResnetBlocks, taming's count.
+        up: list[ResnetStack] = []
         for i in reversed(range(levels)):
             block_out = ch * ch_mult[i]
-            up.insert(
-                0,
-                DecoderLevel(
-                    block_in,
-                    block_out,
-                    cfg.num_res_blocks + 1,
-                    current_res in cfg.attn_resolutions,
-                    i != 0,
-                    norm_groups,
-                ),
+            level = ResnetStack(
+                block_in, block_out, cfg.num_res_blocks + 1, current_res in cfg.attn_resolutions, norm_groups
             )
+            level.upsample = Upsample(block_out) if i != 0 else None
+            up.insert(0, level)
             block_in = block_out
             if i != 0:
                 current_res *= UPSAMPLE_FACTOR
@@ -124,6 +91,8 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
+            if level.upsample is not None:
+                h = level.upsample(h)
         return self.unfold_stem(self.conv_out(F.silu(self.norm_out(h))))
 
 

@@ -43,25 +43,20 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(rearrange(out, "b 1 (h w) c -> b c h w", h=height, w=width))
 
 
-class EncoderLevel(nn.Module):
-    """One resolution of the encoder: ResnetBlocks (each followed by attention where taming puts it)."""
+class ResnetStack(nn.Module):
+    """ResnetBlocks, each followed by attention where taming puts it: one encoder or decoder level.
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        num_res_blocks: int,
-        attn: bool,
-        downsample: bool,
-        norm_groups: int,
-    ):
+    Its resampler is set by the Encoder (`downsample`) or Decoder (`upsample`) under taming's key and run
+    there, since the encoder keeps a level's features before downsampling them.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, attn: bool, norm_groups: int):
         super().__init__()
         self.block = nn.ModuleList(
             ResnetBlock(in_channels if i == 0 else out_channels, out_channels, norm_groups)
-            for i in range(num_res_blocks)
+            for i in range(num_blocks)
         )
-        self.attn = nn.ModuleList(AttnBlock(out_channels, norm_groups) for _ in range(num_res_blocks) if attn)
-        self.downsample = Downsample(out_channels) if downsample else None
+        self.attn = nn.ModuleList(AttnBlock(out_channels, norm_groups) for _ in range(num_blocks) if attn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.block):
@@ -93,17 +88,11 @@ class Encoder(nn.Module):
         current_res = cfg.resolution // cfg.stem_stride
         self.down = nn.ModuleList()
         for i, mult in enumerate(cfg.ch_mult):
-            last = i == len(cfg.ch_mult) - 1
-            self.down.append(
-                EncoderLevel(
-                    ch * in_ch_mult[i],
-                    ch * mult,
-                    cfg.num_res_blocks,
-                    current_res in cfg.attn_resolutions,
-                    not last,
-                    groups,
-                )
+            level = ResnetStack(
+                ch * in_ch_mult[i], ch * mult, cfg.num_res_blocks, current_res in cfg.attn_resolutions, groups
             )
+            level.downsample = Downsample(ch * mult) if i < len(cfg.ch_mult) - 1 else None
+            self.down.append(level)
             current_res //= 2
         block_in = cfg.level_channels[-1]
         self.mid = MidBlock(block_in, groups)

@@ -50,25 +50,16 @@ def fast_tokenizer() -> TokenizerConfig:
 
 
 def tiny_tokenizer() -> TokenizerConfig:
-    """CPU-sized: f=16 windows of 256 px with the first downsampling folded into conv_in (so nothing runs
-    at full resolution), 256 codes; a restart every 20 steps because the prototype's codebook collapsed."""
-    return TokenizerConfig(
-        vqgan=VQGANConfig(
-            ch=16,
-            ch_mult=(1, 2, 2, 4),
-            num_res_blocks=1,
-            attn_resolutions=(16,),
-            resolution=256,
-            z_channels=64,
-            stem_stride=2,
-            norm_groups=8,
-        ),
+    """CPU-sized: the fast tokenizer's shape (f=16 windows of 256 px, the first downsampling folded into
+    conv_in, so nothing runs at full resolution) at 1/8 of its width, one res block, 256 codes; a restart
+    every 20 steps because the prototype's codebook collapsed."""
+    fast = fast_tokenizer()
+    return dataclasses.replace(
+        fast,
+        vqgan=dataclasses.replace(fast.vqgan, ch=16, num_res_blocks=1, z_channels=64, norm_groups=8),
         num_codes=256,
         code_dim=32,
-        beta=0.25,
-        kmeans_init=True,
         restart_every=20,
-        window_batch=16,
     )
 
 
