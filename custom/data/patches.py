@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.data import IterableDataset, MetaTensor, PatchWSIDataset
+from monai.data import Dataset, IterableDataset, MetaTensor, PatchWSIDataset
 from monai.transforms import apply_transform
 from monai.utils import ensure_tuple_rep
 
@@ -167,6 +167,20 @@ class RandomPatchStream(IterableDataset):
         # a worker's torch seed is base_seed + worker id, with a new base_seed for every epoch's
         # workers (drawn from the main process's seeded torch RNG): fresh yet reproducible streams
         return np.random.default_rng([self.seed, rank, info.id, torch.initial_seed() % 2**63])
+
+
+class FixedDraws(Dataset):
+    """`count` draws of a random sampler made once (a validation set): the same patches every epoch.
+
+    They are read by the sampler's own reader; the sampler itself, with its open slides, is not kept.
+    """
+
+    def __init__(self, sampler: RandomPatchStream, count: int):
+        super().__init__(sampler.fixed_items(count))
+        self.reader = sampler.reader
+
+    def _transform(self, index: int):
+        return self.reader.read(self.data[index])
 
 
 def draw_settings(patch_size: int | Sequence[int], foreground_ratio: float) -> tuple[tuple[int, ...], float]:
@@ -327,26 +341,21 @@ def _check_scale(level, mpp) -> None:
         logger.warning("patch_level %s is ignored: patches are read at patch_mpp %s um/px", level, mpp)
 
 
-class FixedTissuePatchDataset(LabelledPatchWSIDataset):
+class FixedTissuePatchDataset(FixedDraws):
     """A fixed set of patches drawn once from slides (validation): the same patches every epoch.
 
     `data` is a list of slides ({"image", "label"}), as MONAI Label sets `validate#dataset#data`.
     The `count` patches are the draws of a RandomTissuePatchDataset with this `foreground_ratio` and
-    the `sampler_settings` given (its patch_size, patch_level, patch_mpp, seed, tissue).
+    the `sampler_settings` given (its patch_size, patch_level, patch_mpp, seed, tissue, transform,
+    num_classes).
     """
 
     def __init__(
-        self,
-        data: Sequence[dict],
-        count: int = 16,
-        foreground_ratio: float = 0.5,
-        transform=None,
-        num_classes: int = 2,
-        **sampler_settings,
+        self, data: Sequence[dict], count: int = 16, foreground_ratio: float = 0.5, **sampler_settings
     ):
         if not data:
             raise ConfigError(
                 "no validation slides: use at least two slides, or set a datalist with validation items"
             )
         sampler = RandomTissuePatchDataset(data, foreground_ratio=foreground_ratio, **sampler_settings)
-        super().__init__(sampler.fixed_items(count), transform=transform, num_classes=num_classes)
+        super().__init__(sampler, count)

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import Dataset, MetaTensor
+from monai.data import MetaTensor
 from monai.transforms import apply_transform
 from PIL import Image, UnidentifiedImageError
 
 from custom.data.patches import (
+    FixedDraws,
     FixedTissuePatchDataset,
     RandomPatchStream,
     RandomTissuePatchDataset,
@@ -165,27 +166,21 @@ class RandomTileCropDataset(RandomPatchStream):
         return {"image": item["image"], "label": item["label"], "location": [top, left], "size": [ph, pw]}
 
 
-class FixedTileCropDataset(Dataset):
-    """`count` crops of labelled tiles drawn once (validation): the same crops every epoch."""
+class FixedTileCropDataset(FixedDraws):
+    """`count` crops of labelled tiles drawn once (validation): the same crops every epoch.
+
+    The crops are the draws of a RandomTileCropDataset with this `foreground_ratio` and the
+    `sampler_settings` given (its patch_size, seed, transform, num_classes).
+    """
 
     def __init__(
-        self,
-        data: Sequence[dict],
-        patch_size: int | Sequence[int] = 4096,
-        count: int = 16,
-        foreground_ratio: float = 0.5,
-        seed: int = 0,
-        transform=None,
-        num_classes: int = 2,
+        self, data: Sequence[dict], count: int = 16, foreground_ratio: float = 0.5, **sampler_settings
     ):
         if not data:
             raise ConfigError("no validation tiles: give the validation split at least one labelled tile")
-        sampler = RandomTileCropDataset(data, patch_size, foreground_ratio=foreground_ratio, seed=seed)
-        super().__init__(sampler.fixed_items(count))
-        self.reader = TileCropReader(transform, num_classes)
-
-    def _transform(self, index: int):
-        return self.reader.read(self.data[index])
+        super().__init__(
+            RandomTileCropDataset(data, foreground_ratio=foreground_ratio, **sampler_settings), count
+        )
 
 
 # A tile is read as it is, whole and at the model's resolution: the slide samplers' scale and tissue
