@@ -57,7 +57,7 @@ from custom.networks.blocks import GroupNorm  # noqa: E402
 from custom.networks.presets import fast_tokenizer, full_tokenizer, tiny_tokenizer  # noqa: E402
 from custom.outputs.pyramid import pyramid_shapes, write_pyramid  # noqa: E402
 from custom.synth import write_synthetic_slides  # noqa: E402
-from custom.training import SegmentationLoss  # noqa: E402
+from custom.training import SegmentationLoss, aux_loss_of  # noqa: E402
 from custom.wsi.reader import open_slide  # noqa: E402
 
 GIB = 2**30
@@ -205,7 +205,7 @@ def part_train(s: Sizes) -> dict:
         torch.manual_seed(0)
         net = s.net(freeze_tokenizer=frozen).to(s.device).train()
         net.set_grad_checkpointing(checkpointed)
-        loss_fn = SegmentationLoss(net)
+        loss_fn = SegmentationLoss(aux_loss_of(net))
         opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
         x = torch.rand(1, 3, s.patch, s.patch, device=s.device)
         y = (torch.rand(1, 1, s.patch, s.patch, device=s.device) > 0.8).long()

@@ -28,7 +28,7 @@ from custom.data.datalists import discover_kpis_slides  # noqa: E402
 from custom.data.patches import RandomTissuePatchDataset  # noqa: E402
 from custom.networks import holohisto_tiny  # noqa: E402
 from custom.synth import write_synthetic_slides  # noqa: E402
-from custom.training import SegmentationLoss  # noqa: E402
+from custom.training import SegmentationLoss, aux_loss_of  # noqa: E402
 
 WORKERS = 2
 
@@ -53,7 +53,7 @@ def sampler_rate(items, backend, patch_px, level, batch, patches) -> float:
 
 def train_step_rate(patch_px, batch, steps) -> float:
     net = holohisto_tiny()
-    loss_fn = SegmentationLoss(net)
+    loss_fn = SegmentationLoss(aux_loss_of(net))
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
     x = torch.rand(batch, 3, patch_px, patch_px)
     y = (torch.rand(batch, 1, patch_px, patch_px) > 0.9).float()

@@ -95,13 +95,13 @@ def worker(args: argparse.Namespace) -> dict:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import torch
 
-    from custom.training import SegmentationLoss
+    from custom.training import SegmentationLoss, aux_loss_of
 
     torch.set_num_threads(args.threads)
     side, tokenizer, mode = int(args.worker[0]), args.worker[1], args.worker[2]
     torch.manual_seed(0)
     net = build(args.preset, tokenizer, mode, window_batch_for(side))
-    loss_fn = SegmentationLoss(net)
+    loss_fn = SegmentationLoss(aux_loss_of(net))
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     for p in params:
@@ -152,14 +152,14 @@ def step_flops(preset: str, tokenizer: str, mode: str) -> tuple[int, int]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from custom.training import SegmentationLoss
+    from custom.training import SegmentationLoss, aux_loss_of
 
     torch.manual_seed(0)
     net = build(preset, tokenizer, mode, window_batch_for(FLOP_SIDE_PX))
     images = torch.rand(1, 3, FLOP_SIDE_PX, FLOP_SIDE_PX)
     labels = (torch.rand(1, 1, FLOP_SIDE_PX, FLOP_SIDE_PX) > 0.8).long()
     with FlopCounterMode(display=False) as counter:
-        loss = SegmentationLoss(net)(net(images), labels)
+        loss = SegmentationLoss(aux_loss_of(net))(net(images), labels)
         forward = counter.get_total_flops()
         loss.backward()
     return forward, counter.get_total_flops()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from custom.errors import ConfigError
-from custom.io import atomic_write
+from custom.io import atomic_write, unwrap
 
 NETWORK_KEY = "network"
 CONFIG_KEY = "network_config"
@@ -70,7 +70,7 @@ def load_weights(network: nn.Module, path: str | Path, checkpoint: dict | None =
     state = ckpt.get(NETWORK_KEY, ckpt)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path}: has no '{NETWORK_KEY}' state dict (keys: {sorted(ckpt)[:8]})")
-    target = getattr(network, "module", network)
+    target = unwrap(network)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = target.state_dict()
     missing = sorted(set(own) - set(state))
@@ -90,7 +90,7 @@ def save_checkpoint(path: str | Path, network: nn.Module, config: dict, **extra)
     """Write {"network", "network_config", **extra} atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    target = getattr(network, "module", network)
+    target = unwrap(network)
     with atomic_write(path) as tmp:
         torch.save({NETWORK_KEY: target.state_dict(), CONFIG_KEY: dict(config), **extra}, tmp)
     return path

@@ -1,4 +1,4 @@
-"""Small helpers every stage uses, written once: atomic writes, weights-only loads, state-dict reports, ranks."""
+"""Small helpers every stage uses, written once: atomic writes, weights-only loads, state-dict reports, ranks, DDP unwrapping."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     with atomic_write(path) as tmp:
         write(tmp)
     return Path(path)
+
+
+def unwrap(network):
+    """The model inside a DistributedDataParallel (or any `.module` wrapper); the network itself otherwise."""
+    return getattr(network, "module", network)
 
 
 def rank_world() -> tuple[int, int]:

@@ -30,7 +30,7 @@ from monai.losses import PatchAdversarialLoss
 from torch import nn
 
 from custom.errors import ConfigError
-from custom.io import write_atomic
+from custom.io import unwrap, write_atomic
 from custom.networks.decoder import VQAutoencoder, tokenizer_state_dict
 from custom.networks.quantizer import perplexity
 from custom.networks.taming import _taming_keys
@@ -53,10 +53,6 @@ LOSS_TERMS = (
     "discriminator_loss",
     "adversarial_weight",
 )
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    return getattr(module, "module", module)  # DistributedDataParallel wraps the model
 
 
 class VQGANLoss(nn.Module):
@@ -130,7 +126,7 @@ class VQGANLoss(nn.Module):
             # MONAI's torchvision perceptual net normalises its inputs in place: give it copies.
             perceptual = self.perceptual(fakes.float().clone(), targets.float().clone())
             nll = nll + self.perceptual_weight * perceptual
-        codebook = _unwrap(self.__dict__["network"]).aux_loss()
+        codebook = unwrap(self.__dict__["network"]).aux_loss()
         loss = nll + self.codebook_weight * codebook
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
@@ -150,7 +146,7 @@ class VQGANLoss(nn.Module):
     def generator(self, fake_logits: list[torch.Tensor]) -> torch.Tensor:
         if not self.adversarial_active:
             self.terms["adversarial_weight"] = 0.0
-            return torch.zeros((), device=_unwrap(self.__dict__["network"]).last_layer.device)
+            return torch.zeros((), device=unwrap(self.__dict__["network"]).last_layer.device)
         raw = self.adversarial(fake_logits[-1], target_is_real=True, for_discriminator=False)
         weight = self.adversarial_weight
         if self.adaptive_weight and self._nll is not None and torch.is_grad_enabled():
@@ -160,7 +156,7 @@ class VQGANLoss(nn.Module):
 
     def _adaptive_factor(self, adversarial: torch.Tensor) -> float:
         """taming's calculate_adaptive_weight: balance the two gradients at the decoder's output layer."""
-        last_layer = _unwrap(self.__dict__["network"]).last_layer
+        last_layer = unwrap(self.__dict__["network"]).last_layer
         nll_grad = torch.autograd.grad(self._nll, last_layer, retain_graph=True)[0]
         adversarial_grad = torch.autograd.grad(adversarial, last_layer, retain_graph=True)[0]
         factor = nll_grad.norm() / (adversarial_grad.norm() + ADAPTIVE_EPS)
@@ -270,7 +266,7 @@ class CodebookHealth:
 
     @property
     def quantizer(self):
-        network = _unwrap(self.__dict__["network"])
+        network = unwrap(self.__dict__["network"])
         return getattr(network, "tokenizer", network).quantize
 
     def attach(self, engine) -> None:
@@ -344,12 +340,12 @@ class TamingWeights:
         self.decoder = decoder
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        network = _unwrap(self.__dict__["network"])
+        network = unwrap(self.__dict__["network"])
         state = network.taming_state_dict() if self.decoder else tokenizer_state_dict(network)
         return {k: v.detach().cpu() for k, v in state.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        network = _unwrap(self.__dict__["network"])
+        network = unwrap(self.__dict__["network"])
         if self.decoder:
             network.load_taming_state_dict(state)
             return
@@ -388,7 +384,7 @@ def save_tokenizer(path: str | Path, tokenizer: VQTokenizer | VQAutoencoder) -> 
     {"state_dict": taming-keyed tokenizer weights, "tokenizer_config": its constructor arguments}; the
     segmentation net loads it with `tokenizer_checkpoint` (strict keys and shapes).
     """
-    tokenizer = getattr(_unwrap(tokenizer), "tokenizer", tokenizer)
+    tokenizer = getattr(unwrap(tokenizer), "tokenizer", tokenizer)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in _taming_keys(tokenizer.state_dict()).items()}

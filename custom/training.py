@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
 from custom.errors import HoloHistoError
+from custom.io import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -19,29 +21,35 @@ class NonFiniteLossError(HoloHistoError):
 
 
 class SegmentationLoss(nn.Module):
-    """DiceCE on logits plus the network's auxiliary loss (the quantizer's codebook/commitment terms).
+    """DiceCE on logits plus an auxiliary loss (the quantizer's codebook/commitment terms).
+
+    `aux_loss` is a zero-argument callable read after each forward pass, e.g. `aux_loss_of(network)`:
+    handing over the callable, not the network, keeps the network out of the loss's module tree, so
+    the loss never owns (or double-saves) its weights.
 
     The loss is checked before it is returned, so a non-finite loss stops training inside the
     iteration, before backward() and the optimizer step: the weights saved on the way out are the
     last good ones, never NaN.
     """
 
-    def __init__(self, network: nn.Module | None = None, aux_weight: float = 1.0, **dice_ce_kwargs):
+    def __init__(
+        self,
+        aux_loss: Callable[[], torch.Tensor] | None = None,
+        aux_weight: float = 1.0,
+        **dice_ce_kwargs,
+    ):
         super().__init__()
         kwargs = {"to_onehot_y": True, "softmax": True, **dice_ce_kwargs}
         self.dice_ce = DiceCELoss(**kwargs)
-        # kept out of the module tree so the loss never owns (or double-saves) the network's weights
-        self.__dict__["network"] = network
+        self.aux_loss = aux_loss
         self.aux_weight = aux_weight
         self.steps = 0
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self.steps += 1
         loss = self.dice_ce(logits.float(), target)
-        network = self.__dict__["network"]
-        aux = getattr(_unwrap(network), "aux_loss", None) if network is not None else None
-        if aux is not None and self.aux_weight:
-            loss = loss + self.aux_weight * aux()
+        if self.aux_loss is not None and self.aux_weight:
+            loss = loss + self.aux_weight * self.aux_loss()
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"the training loss became {loss.item()} at step {self.steps}; stopped before updating the "
@@ -77,8 +85,9 @@ def warmup_steps(max_epochs: int, epoch_length: int, fraction: float = 0.05) -> 
     return max(1, math.ceil(total_steps(max_epochs, epoch_length) * fraction))
 
 
-def _unwrap(network):
-    return getattr(network, "module", network)  # DistributedDataParallel wraps the model
+def aux_loss_of(network: nn.Module) -> Callable[[], torch.Tensor] | None:
+    """The network's `aux_loss` (HoloHisto's quantizer terms), through a DDP wrapper; None for a baseline."""
+    return getattr(unwrap(network), "aux_loss", None)
 
 
 class ProgressBar:
