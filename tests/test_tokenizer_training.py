@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from ignite.engine import Events
+from monai.bundle import ConfigParser
 
-from custom.bundle import workflow
+from custom.bundle import config_parser, workflow
 from custom.errors import ConfigError
 from custom.networks import build_network, holohisto_tiny
 from custom.networks.decoder import VQAutoencoder, load_taming_autoencoder, vq_autoencoder
@@ -210,3 +212,37 @@ def test_bundle_config_trains_through_monai_bundle_run(kpis_folder, tmp_path):
         tags.update(accumulator.Tags()["scalars"])
     expected = {"train_codebook/perplexity", "train_codebook/dead_codes", "val_codebook/perplexity"}
     assert expected | {"l1", "codebook", "discriminator_loss", "val_psnr"} <= tags
+
+
+SHARED_WITH_TRAINING = (
+    "device",
+    "amp",
+    "output_dir",
+    "data",
+    "tissue",
+    "train#dataloader",
+    "validate#dataloader",
+)
+
+
+def test_tokenizer_config_shares_train_json_blocks_wherever_it_is_parsed(monkeypatch, tmp_path):
+    raw = ConfigParser()
+    raw.read_config(str(BUNDLE / "configs" / f"{CONFIGS[0]}.json"))
+    assert all(raw[key] == f"%configs/train.json#{key}" for key in SHARED_WITH_TRAINING)
+    training = config_parser("train")
+    ours = config_parser(CONFIGS[0])
+    # `monai.bundle run` parses in the bundle folder with MONAI's own parser
+    monkeypatch.chdir(BUNDLE)
+    plain = ConfigParser()
+    plain.read_config(f"configs/{CONFIGS[0]}.json")
+    plain.resolve_macro_and_relative_ids()
+
+    def text(config, key):  # MONAI writes an id's "#" as "::" where it resolves the file's own ids
+        return json.dumps(config[key]).replace("::", "#")
+
+    for key in SHARED_WITH_TRAINING:
+        assert text(ours, key) == text(plain, key) == text(training, key), key
+        assert "%" not in text(ours, key)
+    # and the macros survive a working directory with no configs/ in it (the command line's case)
+    monkeypatch.chdir(tmp_path)
+    assert config_parser(*CONFIGS)["train#dataloader"]["dataset"] == "@train#dataset"

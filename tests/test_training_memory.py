@@ -7,17 +7,14 @@ losses, logits) and what autograd keeps, never time.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from monai.bundle import ConfigParser
 
+from custom.bundle import config_parser
 from custom.networks import holohisto_tiny
 from custom.networks.blocks import taming_norm
-
-BUNDLE = Path(__file__).resolve().parents[1] / "holohisto_bundle"
 
 SIDE_PX = 512  # two tokenizer windows a side: the window batches below split the patch
 
@@ -128,23 +125,16 @@ def test_tiny_net_under_bf16_autocast_matches_float32_within_bf16_tolerance():
     torch.testing.assert_close(low.float(), reference, rtol=0.02, atol=0.02)
 
 
-def _parsed(*configs: str) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / name) for name in configs])
-    parser["bundle_root"] = str(BUNDLE)
-    return parser
-
-
 def test_train_json_checkpoints_the_full_size_and_tiny_json_does_not():
     with torch.device("meta"):
-        full = _parsed("train.json").get_parsed_content("network_def")
+        full = config_parser("train.json").get_parsed_content("network_def")
     assert full.grad_checkpointing and full.tokenizer.grad_checkpointing and full.head.grad_checkpointing
     assert full.config["vit_widths"] == [192, 384]
-    tiny = _parsed("train.json", "tiny.json").get_parsed_content("network_def")
+    tiny = config_parser("train.json", "tiny.json").get_parsed_content("network_def")
     assert not tiny.grad_checkpointing and tiny.config["vit_widths"] == [48, 64]
     # The tokenizer's own training: checkpointed windows for the full size, not for the tiny one.
     with torch.device("meta"):
-        autoencoder = _parsed("train_tokenizer.json").get_parsed_content("autoencoder_def")
+        autoencoder = config_parser("train_tokenizer.json").get_parsed_content("autoencoder_def")
     assert autoencoder.tokenizer.grad_checkpointing
-    tiny_autoencoder = _parsed("train_tokenizer.json", "train_tokenizer_tiny.json")
+    tiny_autoencoder = config_parser("train_tokenizer.json", "train_tokenizer_tiny.json")
     assert not tiny_autoencoder.get_parsed_content("autoencoder_def").tokenizer.grad_checkpointing
