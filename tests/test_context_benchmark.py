@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -48,3 +50,22 @@ def test_context_smoke_writes_both_quick_rows(tmp_path):
     assert result["settings"]["mode"] == "smoke" and "equal wall clock" in result["settings"]["budget"]
     assert "| HoloHisto tiny, large context (`large_context`) | 1024 @ 1 (2) | 1024 |" in done.stdout
     assert "`large_context` vs `tiles_512`: 2 pairs" in done.stdout
+
+
+def test_context_signal_reads_one_orientation_as_uniform_and_a_turn_as_not():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from context_signal import box, box_sums, orientation_field
+
+    y, x = np.mgrid[:256, :256].astype(np.float32)
+    stripes = 128 + 60 * np.sin(2 * np.pi * (x + y) / 24)  # one orientation everywhere
+    turned = stripes.copy()
+    turned[:, 128:] = (128 + 60 * np.sin(2 * np.pi * (x - y) / 24))[:, 128:]  # the right half at 90 degrees
+
+    def resultant(grey):
+        c, s, tissue = orientation_field(np.repeat(grey[..., None], 3, axis=2).astype(np.uint8), 8.0)
+        assert tissue.all()
+        sc, ss, sw = (box(box_sums(v), 32, 32, 224, 224) for v in (c, s, np.ones_like(c)))
+        return np.hypot(sc, ss) / sw
+
+    assert resultant(stripes) > 0.8
+    assert resultant(turned) < 0.2
