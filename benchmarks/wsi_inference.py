@@ -10,7 +10,8 @@ speed    (a) on one 16,384 x 12,288 synthetic slide with the same model and tile
 null     (b) the pipeline's own throughput with a network that costs nothing, at level 0 with
              4096-px tiles: tissue megapixels per second per core (the full net on an H200
              consumes ~42 Mpx/s, 2.5 4K tiles/s).
-memory   (c) peak RSS of segmenting a 20k x 20k and an 80k x 80k slide, each in a fresh process.
+memory   (c) peak RSS of segmenting a 20k x 20k and an 80k x 80k slide, each in a fresh process
+             (`--memory-level 3` reads both at 1/8, where the 80k slide is ~400 tiles, not ~11,000).
 tissue   (d) two slides of the same size, the second with 3/4 of its tissue turned to glass.
 
   python benchmarks/wsi_inference.py --checkpoint runs/demo/model.pt [--parts speed null memory tissue]
@@ -258,8 +259,9 @@ def part_null(slide: Path, work: Path) -> dict:
     }
 
 
-def memory_worker(slide: str, checkpoint: str | None, out: str) -> None:
-    tile, level = trained_input(checkpoint, slide)
+def memory_worker(slide: str, checkpoint: str | None, out: str, level: int | None) -> None:
+    tile, trained_level = trained_input(checkpoint, slide)
+    level = trained_level if level is None else level
     start = time.perf_counter()
     outcome, _ = ours(Path(slide), network(checkpoint), tile, level, OVERLAP_PX, Path(out))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -276,13 +278,13 @@ def monai_worker(slide: str, checkpoint: str | None, overlap: int) -> None:
     print(json.dumps({"seconds": seconds, "tiles": tiles}))
 
 
-def part_memory(small: Path, big: Path, checkpoint: str | None, out: Path) -> dict:
+def part_memory(small: Path, big: Path, checkpoint: str | None, out: Path, level: int | None) -> dict:
     results = {}
     for name, slide in (("20k", small), ("80k", big)):
-        run = subprocess.run(
-            [sys.executable, __file__, "--memory-worker", str(slide), "--out", str(out), *(["--checkpoint", checkpoint] if checkpoint else [])],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+        command = [sys.executable, __file__, "--memory-worker", str(slide), "--out", str(out)]
+        command += ["--checkpoint", checkpoint] if checkpoint else []
+        command += ["--memory-level", str(level)] if level is not None else []
+        run = subprocess.run(command, capture_output=True, text=True, check=True)
         results[name] = r = json.loads(run.stdout.strip().splitlines()[-1])
         print(
             f"memory: {name} slide, {r['tiles']} tissue tiles, {r['seconds']:.0f} s, peak RSS {r['peak_mb']:.0f} MB",
@@ -316,13 +318,14 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="a trained tiny model.pt (the demo's); default: random weights")
     parser.add_argument("--parts", nargs="+", default=["speed", "null", "tissue", "memory"])
     parser.add_argument("--work", help="keep (and reuse) the slides here (default: a temporary folder)")
+    parser.add_argument("--memory-level", type=int, help="(c): read both slides at this level")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     parser.add_argument("--monai-worker", help=argparse.SUPPRESS)
     parser.add_argument("--overlap", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_worker:
-        return memory_worker(args.memory_worker, args.checkpoint, args.out)
+        return memory_worker(args.memory_worker, args.checkpoint, args.out, args.memory_level)
     if args.monai_worker:
         return monai_worker(args.monai_worker, args.checkpoint, args.overlap)
     print(
@@ -360,7 +363,9 @@ def main() -> None:
             big = slides / "big_wsi.tiff"
             if not big.exists():
                 derived_slide(Path(small), big, side=81920)
-            results["memory"] = part_memory(Path(small), big, args.checkpoint, work / "memory")
+            results["memory"] = part_memory(
+                Path(small), big, args.checkpoint, work / "memory", args.memory_level
+            )
     print(json.dumps(results))
 
 
