@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import PIL.Image
 import pytest
 import shapely.geometry
 import torch
@@ -18,9 +19,12 @@ from custom.outputs.geojson import (
     iter_features,
     mask_to_features,
     rasterise_features,
+    trace_objects,
     write_geojson,
 )
+from custom.outputs.objects import write_object_outputs
 from custom.outputs.overlay import draw_outlines, draw_rings
+from custom.outputs.tables import slide_summary
 
 EIGHT = np.ones((3, 3), bool)
 
@@ -272,6 +276,45 @@ def test_geojson_is_streamed_to_a_valid_file_and_a_failed_write_leaves_nothing(t
     with pytest.raises(RuntimeError):
         write_geojson(tmp_path / "b.geojson", broken())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.geojson"]
+
+
+def test_one_pass_over_objects_writes_tables_and_overlay_that_agree_and_a_failed_pass_leaves_none(tmp_path):
+    mask = np.zeros((40, 40), np.uint8)
+    mask[5:15, 5:15] = 1  # 100 px of class 1
+    mask[20:30, 20:35] = 2  # 150 px of class 2
+    seeds = [(5, 5), (20, 20)]
+    scale = 4.0  # level-0 pixels per mask pixel
+
+    def objects():
+        for seed in seeds:
+            yield from trace_objects(mask, seed, (0, 0), scale)
+
+    paths = {k: tmp_path / f"s.{k}" for k in ("geojson", "objects", "overlay")}
+    thumb = np.full((40, 40, 3), 200, np.uint8)  # one thumbnail pixel per mask pixel
+    tally = write_object_outputs(objects(), paths, (0.5, 0.5), {1: "A", 2: "B"}, thumb, 1 / scale)
+    assert (tally.total, dict(tally.counts), tally.glomeruli) == (2, {"A": 1, "B": 1}, 1)
+    assert tally.area_px == (100 + 150) * scale**2
+    features = json.loads(paths["geojson"].read_text())["features"]
+    assert [f["properties"]["name"] for f in features] == ["A 1", "B 2"]
+    rows = paths["objects"].read_text().splitlines()
+    assert rows[0].startswith("id,class,") and [r.split(",")[:2] for r in rows[1:]] == [
+        ["1", "A"],
+        ["2", "B"],
+    ]
+    drawn = np.any(np.asarray(PIL.Image.open(paths["overlay"])) != thumb, axis=-1)
+    assert drawn[5, 10] and drawn[25, 20] and not drawn[10, 10] and not drawn[35, 5]
+    summary = slide_summary("s", tally, 0.5, (160, 160), (0.5, 0.5))
+    assert summary["object_count"] == 2 and summary["mean_area_um2"] == 125 * scale**2 * 0.25
+
+    def broken():
+        yield from objects()
+        raise RuntimeError("disk full")
+
+    for path in paths.values():
+        path.unlink()
+    with pytest.raises(RuntimeError):
+        write_object_outputs(broken(), paths, (0.5, 0.5), {1: "A", 2: "B"}, thumb, 1 / scale)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_overlay_draws_outline_pixels_only_on_object_borders():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +24,11 @@ from custom.data.datalists import SLIDE_EXTENSIONS, _stem, load_datalist
 from custom.errors import ConfigError, HoloHistoError
 from custom.inference.inferer import StitchResult, WholeSlideInferer
 from custom.io import rank_world
-from custom.outputs.geojson import to_feature, trace_objects, write_geojson
+from custom.outputs.geojson import TracedObject, trace_objects
 from custom.outputs.label_tiff import write_label_pyramid
-from custom.outputs.overlay import draw_rings, write_png
+from custom.outputs.objects import write_object_outputs
 from custom.outputs.pyramid import pyramid_shapes, write_pyramid
-from custom.outputs.tables import slide_summary, write_json, write_objects_csv
+from custom.outputs.tables import slide_summary, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -98,14 +99,15 @@ def segment_slide(
             if result.probability is not None:
                 step = factor * inferer.probability_factor  # level-0 pixels per probability pixel
                 prob = side.submit(_write_probability, result.probability, paths["probability"], step, mpp)
-            objects = traced_objects(result, factor, inferer.cleanup_px(plan)[0])
-            write_geojson(
-                paths["geojson"], (to_feature(o, mpp, class_names, k) for k, o in enumerate(objects, 1))
-            )
-            write_objects_csv(paths["objects"], objects, mpp, class_names)
             thumb = plan.thumbnail
-            rings = [ring for o in objects for ring in o.rings]
-            write_png(paths["overlay"], draw_rings(thumb, rings, thumb.shape[1] / shape0[1]))
+            tally = write_object_outputs(
+                traced_objects(result, factor, inferer.cleanup_px(plan)[0]),
+                paths,
+                mpp,
+                class_names,
+                thumb,
+                thumb.shape[1] / shape0[1],
+            )
             mask.result()
             if prob is not None:
                 prob.result()
@@ -125,9 +127,7 @@ def segment_slide(
             "cleanup": {"min_object_um2": inferer.min_object_um2, "max_hole_um2": inferer.max_hole_um2},
             "seconds": timings | {"total_s": round(time.perf_counter() - start, 3)},
         }
-        summary = slide_summary(
-            str(slide_path), objects, plan.tissue.fraction, shape0, mpp, class_names, **settings
-        )
+        summary = slide_summary(str(slide_path), tally, plan.tissue.fraction, shape0, mpp, **settings)
         write_json(paths["summary"], summary)
     finally:
         result.close()
@@ -140,22 +140,19 @@ def segment_slide(
         reason,
         tissue_tiles=plan.tissue_tiles,
         seconds=time.perf_counter() - start,
-        objects=len(objects),
+        objects=tally.total,
         outputs={k: str(v) for k, v in paths.items() if v.exists()},
         timings=settings["seconds"],
     )
 
 
-def traced_objects(result: StitchResult, factor: int, min_piece_px: int = 0) -> list:
-    """Every kept object of a stitched slide, traced from its own box of the cells (one polygon each)."""
-    labels, found = result.labels, []
+def traced_objects(result: StitchResult, factor: int, min_piece_px: int = 0) -> Iterator[TracedObject]:
+    """Every kept object of a stitched slide, traced from its own box of the cells (one polygon each), one at a time."""
+    labels = result.labels
     for box, seed in result.objects:
         y0, x0 = max(0, int(box[0]) - 1), max(0, int(box[1]) - 1)
         crop = labels.read(y0, int(box[2]) + 1, x0, int(box[3]) + 1)
-        found.extend(
-            trace_objects(crop, (int(seed[0]) - y0, int(seed[1]) - x0), (y0, x0), factor, min_piece_px)
-        )
-    return found
+        yield from trace_objects(crop, (int(seed[0]) - y0, int(seed[1]) - x0), (y0, x0), factor, min_piece_px)
 
 
 def segment_batch(

@@ -33,10 +33,17 @@ def draw_rings(
 ):
     """Copy of a thumbnail with GeoJSON rings (level-0 pixels; `scale` thumbnail pixels per level-0 pixel) drawn."""
     canvas = np.ascontiguousarray(thumbnail[..., :3]).copy()
+    draw_rings_into(canvas, rings, scale, colour, thickness)
+    return canvas
+
+
+def draw_rings_into(
+    canvas: np.ndarray, rings: Iterable[list], scale: float, colour=OUTLINE_RGB, thickness=OUTLINE_PX
+):
+    """`draw_rings` onto `canvas` itself (contiguous RGB uint8), for rings that arrive object by object."""
     lines = [np.round(np.asarray(ring) * scale - 0.5).astype(np.int32).reshape(-1, 1, 2) for ring in rings]
     if lines:
         cv2.polylines(canvas, lines, True, colour, thickness)
-    return canvas
 
 
 def write_png(path: str | Path, image: np.ndarray) -> Path:

@@ -7,10 +7,10 @@ class, glomeruli per mm2 of tissue, the tissue area, and how the mask was made.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from custom.io import atomic_write
@@ -32,60 +32,62 @@ CSV_COLUMNS = (
 GLOMERULUS_CLASS = 1  # the KPIs masks' foreground value
 
 
-def object_rows(objects: list[TracedObject], mpp: tuple[float, float] | None, class_names: dict[int, str]):
-    for k, obj in enumerate(objects, start=1):
-        area_um2 = obj.area_px * mpp[0] * mpp[1] if mpp else None
-        yield {
-            "id": k,
-            "class": class_names.get(obj.cls, f"class {obj.cls}"),
-            "centroid_x_px": round(obj.centroid[0], 1),
-            "centroid_y_px": round(obj.centroid[1], 1),
-            "area_um2": round(area_um2, 2) if area_um2 is not None else "",
-            "equivalent_diameter_um": round(2 * math.sqrt(area_um2 / math.pi), 2)
-            if area_um2 is not None
-            else "",
-            "perimeter_um": round(obj.perimeter_px * mpp[1], 1) if mpp else "",
-            "box_x_px": round(obj.box[0]),
-            "box_y_px": round(obj.box[1]),
-            "box_width_px": round(obj.box[2]),
-            "box_height_px": round(obj.box[3]),
-        }
+def object_row(index: int, obj: TracedObject, mpp: tuple[float, float] | None, class_names: dict[int, str]):
+    """The CSV row of object number `index` (1-based, as the GeoJSON names it)."""
+    area_um2 = obj.area_px * mpp[0] * mpp[1] if mpp else None
+    return {
+        "id": index,
+        "class": class_names.get(obj.cls, f"class {obj.cls}"),
+        "centroid_x_px": round(obj.centroid[0], 1),
+        "centroid_y_px": round(obj.centroid[1], 1),
+        "area_um2": round(area_um2, 2) if area_um2 is not None else "",
+        "equivalent_diameter_um": round(2 * math.sqrt(area_um2 / math.pi), 2) if area_um2 is not None else "",
+        "perimeter_um": round(obj.perimeter_px * mpp[1], 1) if mpp else "",
+        "box_x_px": round(obj.box[0]),
+        "box_y_px": round(obj.box[1]),
+        "box_width_px": round(obj.box[2]),
+        "box_height_px": round(obj.box[3]),
+    }
 
 
-def write_objects_csv(
-    path: str | Path, objects: list[TracedObject], mpp, class_names: dict[int, str]
-) -> Path:
-    with atomic_write(path) as tmp, open(tmp, "w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(object_rows(objects, mpp, class_names))
-    return Path(path)
+@dataclass
+class ObjectTally:
+    """What the summary needs of a slide's objects, added up one object at a time (none is kept)."""
+
+    class_names: dict[int, str]
+    counts: Counter = field(default_factory=Counter)
+    glomeruli: int = 0
+    area_px: float = 0.0
+
+    def add(self, obj: TracedObject) -> None:
+        self.counts[self.class_names.get(obj.cls, f"class {obj.cls}")] += 1
+        self.glomeruli += obj.cls == GLOMERULUS_CLASS
+        self.area_px += obj.area_px
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
 
 
 def slide_summary(
     slide: str,
-    objects: list[TracedObject],
+    tally: ObjectTally,
     tissue_fraction: float,
     shape0: tuple[int, int],
     mpp: tuple[float, float] | None,
-    class_names: dict[int, str],
     **settings,
 ) -> dict:
     """The per-slide figures: counts per class, glomeruli per mm2 of tissue, tissue area in mm2."""
-    counts = Counter(class_names.get(o.cls, f"class {o.cls}") for o in objects)
-    glomeruli = sum(o.cls == GLOMERULUS_CLASS for o in objects)
     tissue_mm2 = tissue_fraction * shape0[0] * shape0[1] * mpp[0] * mpp[1] / 1e6 if mpp else None
     return {
         "slide": slide,
-        "object_count": len(objects),
-        "counts": dict(sorted(counts.items())),
-        "glomerulus_count": glomeruli,
-        "glomeruli_per_mm2_tissue": glomeruli / tissue_mm2 if tissue_mm2 else None,
+        "object_count": tally.total,
+        "counts": dict(sorted(tally.counts.items())),
+        "glomerulus_count": tally.glomeruli,
+        "glomeruli_per_mm2_tissue": tally.glomeruli / tissue_mm2 if tissue_mm2 else None,
         "tissue_area_mm2": tissue_mm2,
         "tissue_fraction": tissue_fraction,
-        "mean_area_um2": (sum(o.area_px for o in objects) / len(objects) * mpp[0] * mpp[1])
-        if objects and mpp
-        else None,
+        "mean_area_um2": tally.area_px / tally.total * mpp[0] * mpp[1] if tally.total and mpp else None,
         "height_px": shape0[0],
         "width_px": shape0[1],
         "mpp_um": list(mpp) if mpp else None,
