@@ -11,6 +11,10 @@ of a 4096-px patch at level 1, affordable on a 2-core CPU. Rows, one switch each
     linear_projection  2048 px, a linear patch projection instead of the tokenizer. It keeps the
                        encoder's skip connections, so it does not fully replace the token path:
                        the skips still carry convolutional features (see ablation_no_tokens.json)
+    tokens_only        2048 px, the encoder's skips removed: the head sees the ViT's tokens only, so
+                       context cannot be drowned by local skips on its way to the logits
+    linear_only        tokens_only with a linear patch projection instead of the tokenizer: the
+                       projection really replaces the token path (partner tokens_only)
     softmax_attention  2048 px, softmax MHSA instead of ReLU linear attention, at the largest context
                        of any row. It fits: 8.6 s per step and 3.3 GB peak on 2 cores against 4 s
                        linear; at 4096 its ~4.6 s attention share would grow 16x
@@ -80,6 +84,8 @@ ROWS = {
         Row(REFERENCE, None, "HoloHisto tiny, 512 tiles", 512, 4, REFERENCE),
         Row("tiles_1024", None, "HoloHisto tiny, 1024 tiles", 1024, 1, REFERENCE),
         Row("linear_projection", "ablation_linear_projection.json", "linear projection (skips kept)", 2048, 1, "large_context"),
+        Row("tokens_only", "ablation_tokens_only.json", "tokens only (no skips)", 2048, 1, "large_context"),
+        Row("linear_only", "ablation_linear_only.json", "linear projection only (no skips)", 2048, 1, "tokens_only"),
         Row("softmax_attention", "ablation_softmax_attention.json", "softmax MHSA", 2048, 1, "large_context"),
         Row("tile_sampler", "ablation_tile_sampler.json", "tile sampler (fixed grid)", 2048, 1, "large_context"),
         Row("unet", "baseline_unet.json", "U-Net (MONAI), 1024 tiles", 1024, 1, "tiles_1024"),

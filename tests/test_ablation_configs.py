@@ -18,6 +18,8 @@ CONFIGS = BUNDLE / "configs"
 
 # override -> (network class, token_path, attention, training patch side)
 NETWORK_ROWS = {
+    "ablation_tokens_only.json": (HoloHistoNet, "tokenizer", "linear", 512),
+    "ablation_linear_only.json": (HoloHistoNet, "linear", "linear", 512),
     "baseline_unet.json": (UNetBaseline, None, None, 1024),
     "baseline_swinunetr.json": (SwinUNETRBaseline, None, None, 1024),
     "ablation_linear_projection.json": (HoloHistoNet, "linear", "linear", 512),
@@ -29,6 +31,8 @@ NETWORK_ROWS = {
     "ablation_patch_2048.json": (HoloHistoNet, "tokenizer", "linear", 2048),
     "ablation_patch_4096.json": (HoloHistoNet, "tokenizer", "linear", 4096),
 }
+# The rows whose head sees no encoder skips (benchmarks/context.py's tokens_only and linear_only).
+SKIPLESS = {"ablation_tokens_only.json", "ablation_linear_only.json"}
 
 
 def parser_for(base: str, override: str) -> ConfigParser:
@@ -47,6 +51,8 @@ def test_ablation_override_builds_its_network_on_the_tiny_training_config(overri
     if cls is HoloHistoNet:
         assert (network.token_path, network.config["attention"]) == (token_path, attention)
         assert network.config["vit_widths"] == [48, 64]  # still the tiny preset
+        assert network.skip_strides == ([] if override in SKIPLESS else [2, 4, 8])
+        assert all(step.skip_proj is None for step in network.head.steps) == (override in SKIPLESS)
     assert parser.get_parsed_content("patch_size") == [side, side]
     assert parser.get_parsed_content("patch_mpp") == 0.5  # the tiny preset reads 0.5 um/px (20X)
 
