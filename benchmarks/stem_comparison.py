@@ -97,8 +97,8 @@ def held_out_dice(checkpoint: Path, held_out: Path) -> dict:
     dices, inter, total = [], 0, 0
     with torch.no_grad():
         for sample in patches:
-            image = sample["image"].as_tensor().float()[None] / 255.0
-            truth = sample["label"].as_tensor()[0] > 0
+            image = sample["image"].as_subclass(torch.Tensor).float()[None] / 255.0
+            truth = sample["label"].as_subclass(torch.Tensor)[0] > 0  # a MetaTensor or a plain one
             pred = model(image).argmax(1)[0] > 0
             both, size = int((pred & truth).sum()), int(pred.sum() + truth.sum())
             inter, total = inter + both, total + size
