@@ -194,22 +194,28 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "custom", *args]
 
 
-def synth(log: Log, folder: Path, count: int, seed: int, width: int, height: int, glomerulus_um: str) -> None:
+def synth(
+    log: Log, folder: Path, count: int, seed: int, width: int, height: int, glomerulus_um: str, decoy_value=0
+):
     wanted = [
         folder / f"synth_{seed + i}_{part}" for i in range(count) for part in ("wsi.tiff", "objects.json")
     ]
     if all(p.exists() for p in wanted):
         metas = [json.loads(sidecar.read_text()) for sidecar in wanted[1::2]]
         stale = [
-            m["slide_id"] for m in metas if (m["width"], m["height"], m["decoys"]) != (width, height, True)
-        ]
+            m["slide_id"]
+            for m in metas
+            if (m["width"], m["height"], m["decoys"], m.get("decoy_mask_value", 0)) != (width, height, True, decoy_value)
+        ]  # fmt: skip
         if stale:  # never reuse slides of another size (or without decoys) under the same names
-            raise SystemExit(f"{folder}: {stale} differ from --width/--height/--decoys; delete them first")
+            raise SystemExit(
+                f"{folder}: {stale} differ from --width/--height/--decoys/--decoy_value; delete them"
+            )
         return
     lo, hi = (float(v) for v in glomerulus_um.split(","))
     cmd = cli(
         "synth", str(folder), "--count", str(count), "--width", str(width), "--height", str(height),
-        "--seed", str(seed), "--decoys", "--glomerulus_um", f"[{lo:g},{hi:g}]",
+        "--seed", str(seed), "--decoys", "--glomerulus_um", f"[{lo:g},{hi:g}]", "--decoy_value", str(decoy_value),
     )  # fmt: skip
     log.run(cmd, folder / "synth.log")
 

@@ -20,6 +20,12 @@ of a 4096-px patch at level 1, affordable on a 2-core CPU. Rows, one switch each
                        linear; at 4096 its ~4.6 s attention share would grow 16x
     tile_sampler       2048 px, a fixed tile grid instead of random foreground patches
     unet, swinunetr    MONAI U-Net / SwinUNETR-V2 on 1024-px tiles (partner tiles_1024)
+    *_decoy_class      large_context and tiles_512 trained with the decoys as a class of their own
+                       (hard_negative_class.json; the training masks mark them 2), folded into
+                       background at inference. DiceCE weighs a decoy pixel as background no more
+                       than any other, so this asks whether the decoys can be learnt at each context
+                       once the loss must tell them apart. large_context_decoy_class's partner is
+                       tiles_512_decoy_class: the same supervision, 4x less context
 
 Equal budget, stated: every row gets the same wall-clock time of optimizer steps (--budget_s).
 A probe (a short training run per row, once) measures the row's seconds per step from the
@@ -75,6 +81,7 @@ class Row:
     side_px: int
     batch: int
     partner: str  # the row it differs from by one switch
+    decoy_class: bool = False  # trains on masks that mark the decoys 2 (slides/train_decoy_class)
 
 
 ROWS = {
@@ -90,6 +97,10 @@ ROWS = {
         Row("tile_sampler", "ablation_tile_sampler.json", "tile sampler (fixed grid)", 2048, 1, "large_context"),
         Row("unet", "baseline_unet.json", "U-Net (MONAI), 1024 tiles", 1024, 1, "tiles_1024"),
         Row("swinunetr", "baseline_swinunetr.json", "SwinUNETR-V2 (MONAI), 1024 tiles", 1024, 1, "tiles_1024"),
+        Row("large_context_decoy_class", "hard_negative_class.json", "large context, decoy class", 2048, 1,
+            "tiles_512_decoy_class", decoy_class=True),
+        Row("tiles_512_decoy_class", "hard_negative_class.json", "512 tiles, decoy class", 512, 4, REFERENCE,
+            decoy_class=True),
     )
 }  # fmt: skip
 
@@ -165,7 +176,14 @@ def make_slides(log: Log, out: Path, settings: dict) -> float:
     for part, seed in (("train", TRAIN_SEED), ("test", settings["test_seed"])):
         count, width, height = settings[part]
         synth(log, out / "slides" / part, count, seed, width, height, GLOMERULUS_UM)
+    if any(ROWS[k].decoy_class for k in settings["rows"]):  # the same slides, decoys marked 2 in the masks
+        count, width, height = settings["train"]
+        synth(log, train_slides(out, True), count, TRAIN_SEED, width, height, GLOMERULUS_UM, decoy_value=2)
     return time.perf_counter() - start
+
+
+def train_slides(out: Path, decoy_class: bool) -> Path:
+    return out / "slides" / ("train_decoy_class" if decoy_class else "train")
 
 
 # -- one row x seed -----------------------------------------------------------------------------
@@ -204,7 +222,7 @@ def step_seconds(log: Log, out: Path, row: Row, spec: dict) -> float:
         return stored["step_s"]
     run_dir = out / "probes" / row.key
     config = override(out, f"probe_{row.key}", row, spec, spec["probe_steps"], 1, log_every=1)
-    train(log, out, run_dir, config, epochs=1, seed=0)
+    train(log, train_slides(out, row.decoy_class), run_dir, config, epochs=1, seed=0)
     # Each step logs at its end; a tqdm bar may precede the stamp on the same line, so no "^" anchor.
     stamps = [datetime.strptime(m, "%Y-%m-%d %H:%M:%S,%f") for m in re.findall(STEP_LINE, _log_text(run_dir))]
     if len(stamps) < 2:
@@ -214,11 +232,11 @@ def step_seconds(log: Log, out: Path, row: Row, spec: dict) -> float:
     return step_s
 
 
-def train(log: Log, out: Path, run_dir: Path, config: Path, epochs: int, seed: int) -> tuple[float, str]:
+def train(log: Log, slides: Path, run_dir: Path, config: Path, epochs: int, seed: int) -> tuple[float, str]:
     for stale in run_dir.glob("*.pt"):
         stale.unlink()  # an interrupted run's checkpoint must never stand in for this one
     cmd = cli(
-        "train", "--dataset_dir", str(out / "slides" / "train"), "--out", str(run_dir), "--tiny",
+        "train", "--dataset_dir", str(slides), "--out", str(run_dir), "--tiny",
         "--config", str(config), "--max_epochs", str(epochs), "--seed", str(seed),
     )  # fmt: skip
     return log.run(cmd, run_dir / "train.log"), shlex.join(cmd).replace(sys.executable, "python")
@@ -237,7 +255,7 @@ def run_row(log: Log, out: Path, row: Row, seed: int, settings: dict) -> dict:
     val_patches = max(1, round(spec["val_megapixels"] * 1e6 / spec["side_px"] ** 2))  # equal pixels
     run_dir = out / "runs" / row.key / f"seed{seed}"
     config = override(out, f"{row.key}_seed{seed}", row, spec, per_epoch, val_patches)
-    train_s, train_cmd = train(log, out, run_dir, config, epochs, seed)
+    train_s, train_cmd = train(log, train_slides(out, row.decoy_class), run_dir, config, epochs, seed)
     val_dice = [float(v) for v in re.findall(r"Metrics -- val_mean_dice: ([0-9.]+)", _log_text(run_dir))]
     segment_s, evaluate_s, slides = score(log, out, f"{row.key}/seed{seed}", run_dir / "model.pt")
     entry = {

@@ -40,6 +40,7 @@ def synth(
     prefix: str = "synth",
     neptune: bool = False,
     roi_px: int = 3000,
+    decoy_value: int = 0,
 ):
     """Write synthetic kidney slides: <id>_wsi.tiff (pyramidal JPEG TIFF, 0.25 um/px) and <id>_mask.tiff.
 
@@ -58,6 +59,8 @@ def synth(
         prefix: slide ids are <prefix>_<seed>.
         neptune: write NEPTUNE-style multi-class ROIs (count, seed and roi_px apply).
         roi_px: side of each NEPTUNE-style ROI in pixels.
+        decoy_value: the decoys' mask value: 0 (background, as on real slides) or 2, a class of its own
+            for training with a hard-negative class (`background_classes` in train.json).
     """
     if neptune:
         from custom.synth.neptune import write_neptune_rois
@@ -75,6 +78,7 @@ def synth(
         glomerulus_um=tuple(glomerulus_um),
         decoys=decoys,
         prefix=prefix,
+        decoy_value=int(decoy_value),
     ):
         print(result.summary())
 

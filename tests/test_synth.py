@@ -16,6 +16,7 @@ from cucim import CuImage
 from scipy import ndimage as ndi
 
 from custom.cli import main
+from custom.errors import ConfigError
 from custom.synth import build_scene, render_rgb, write_synthetic_slides
 from custom.synth.scene import CONTEXT_CLEARANCE_UM
 
@@ -305,6 +306,23 @@ def test_decoys_are_labelled_0_and_sit_only_in_the_medulla(decoy_slide):
         assert rgb[cy - 20 : cy + 20, cx - 20 : cx + 20, 1].mean() < 200, "a decoy looks like a glomerulus"
     expected, tie = _rasterise(sidecar["objects"], 2, _level(decoy_slide.mask_path, 2).shape)
     np.testing.assert_array_equal(_level(decoy_slide.mask_path, 2)[~tie], expected[~tie])
+
+
+def test_decoy_value_2_marks_the_decoys_in_the_mask_and_changes_no_pixel(decoy_slide, tmp_path):
+    marked = _write(tmp_path, width=8192, height=4096, seed=3, decoys=True, decoy_value=2)
+    for level in (0, 2):
+        before, after = _level(decoy_slide.mask_path, level), _level(marked.mask_path, level)
+        assert np.unique(after).tolist() == [0, 1, 2]
+        np.testing.assert_array_equal(np.where(after == 2, 0, after), before)  # glomeruli untouched
+    np.testing.assert_array_equal(_level(marked.wsi_path, 0), _level(decoy_slide.wsi_path, 0))
+    sidecar = _sidecar(marked)
+    decoys = [o for o in sidecar["objects"] if o["label"] == "decoy"]
+    assert {o["mask_value"] for o in decoys} == {2} and sidecar["decoy_mask_value"] == 2
+    mask = _level(marked.mask_path, 0)
+    assert all(mask[int(o["cy"]), int(o["cx"])] == 2 for o in decoys)
+    with pytest.raises(ConfigError, match="decoy_value must be 0"):
+        _write(tmp_path / "bad", width=512, height=512, decoys=True, decoy_value=1)
+    assert not (tmp_path / "bad").exists()
 
 
 def _window_statistics(rgb: np.ndarray) -> np.ndarray:

@@ -27,12 +27,16 @@ LUT_MAX_CONCENTRATION = 2.0
 _LUT_SIZE = int(LUT_STEPS_PER_UNIT * LUT_MAX_CONCENTRATION) + 1
 
 
-def render_mask(scene: Scene, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-    """Ground truth at level L: 1 where the pixel centre lies inside a glomerulus capsule outline."""
+def render_mask(scene: Scene, level: int, y: int, x: int, h: int, w: int, decoy_value: int = 0) -> np.ndarray:
+    """Ground truth at level L: 1 where the pixel centre lies inside a glomerulus capsule outline.
+
+    Decoys are background (0), as a mimic is on a real slide's mask, unless `decoy_value` marks them.
+    """
     xs, ys, ds = level_coords(level, y, x, h, w)
     mask = np.zeros((h, w), np.uint8)
     for j in scene.index.query(x * ds, y * ds, (x + w) * ds, (y + h) * ds):
-        if scene.objects.label[j] != GLOMERULUS:
+        value = 1 if scene.objects.label[j] == GLOMERULUS else decoy_value
+        if not value:
             continue
         win = object_window(scene, j, xs, ys, scene.objects.max_radius[j])
         if win is None:
@@ -41,7 +45,8 @@ def render_mask(scene: Scene, level: int, y: int, x: int, h: int, w: int) -> np.
         s = capsule_s(
             scene, j, xs[cols][None, :] - scene.objects.cx[j], ys[rows][:, None] - scene.objects.cy[j]
         )
-        mask[rows, cols] |= (s <= 1.0).astype(np.uint8)
+        inside = s <= 1.0
+        mask[rows, cols][inside] = value  # objects keep a gap, so none overwrites another
     return mask
 
 

@@ -194,13 +194,13 @@ class Scene:
         return 0.5 * np.arctan2(s, c)
 
     # -- summaries for the sidecar ---------------------------------------------------------
-    def object_records(self) -> list[dict]:
+    def object_records(self, decoy_value: int = 0) -> list[dict]:
         o = self.objects
         return [
             {
                 "id": i,
                 "label": "glomerulus" if o.label[i] == GLOMERULUS else "decoy",
-                "mask_value": int(o.label[i]),
+                "mask_value": 1 if o.label[i] == GLOMERULUS else decoy_value,
                 "cx": float(o.cx[i]),
                 "cy": float(o.cy[i]),
                 "radius": float(o.radius[i]),

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from custom.errors import ConfigError
 from custom.io import write_atomic
 from custom.outputs.pyramid import pyramid_shapes, write_pyramid
@@ -68,9 +70,18 @@ def write_synthetic_slides(
     prefix: str = "synth",
     mpp: float = MPP_DEFAULT,
     progress: bool = True,
+    decoy_value: int = 0,
 ) -> Iterator[SlideResult]:
-    """Write `count` slides (slide i uses seed + i, id `<prefix>_<seed + i>`), yielding each as done."""
+    """Write `count` slides (slide i uses seed + i, id `<prefix>_<seed + i>`), yielding each as done.
+
+    `decoy_value` is the decoys' value in the mask: 0 (background, the default) or 2, a class of
+    their own for training with a hard-negative class (the slide's pixels are the same either way).
+    """
     _check_args(count, width, height, glomerulus_um, mpp)
+    if decoy_value not in (0, 2):
+        raise ConfigError(
+            f"decoy_value must be 0 (background) or 2 (a class of their own), got {decoy_value}"
+        )
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +90,16 @@ def write_synthetic_slides(
     for i in range(count):
         slide_seed = seed + i
         yield write_synthetic_slide(
-            out, f"{prefix}_{slide_seed}", slide_seed, width, height, glomerulus_um, decoys, mpp, progress
+            out,
+            f"{prefix}_{slide_seed}",
+            slide_seed,
+            width,
+            height,
+            glomerulus_um,
+            decoys,
+            mpp,
+            progress,
+            decoy_value,
         )
 
 
@@ -93,6 +113,7 @@ def write_synthetic_slide(
     decoys: bool,
     mpp: float,
     progress: bool,
+    decoy_value: int = 0,
 ) -> SlideResult:
     started = time.perf_counter()
     scene = build_scene(seed, width, height, mpp=mpp, glomerulus_um=tuple(glomerulus_um), decoys=decoys)
@@ -109,11 +130,12 @@ def write_synthetic_slide(
         return rgb
 
     def mask_tiles(level: int, y: int, x: int, h: int, w: int):
-        mask = render_mask(scene, level, y, x, h, w)
+        mask = render_mask(scene, level, y, x, h, w, decoy_value)
         if level == 0:
-            counts.add("glomerulus", int(mask.sum()))
+            counts.add("glomerulus", int(np.count_nonzero(mask == 1)))
         return mask
 
+    decoy_note = f", {decoy_value} = decoy" if decoy_value else ""
     about = f"HoloHisto synthetic kidney slide {slide_id}, seed {seed}, PAS-like, mpp {mpp}"
     write_pyramid(
         wsi_path, shapes, slide_tiles, channels=3, mpp=mpp, compression="jpeg", tile=TILE_PX,
@@ -121,13 +143,13 @@ def write_synthetic_slide(
     )  # fmt: skip
     write_pyramid(
         mask_path, shapes, mask_tiles, channels=1, mpp=mpp, compression="lzw", tile=TILE_PX,
-        description=f"HoloHisto synthetic glomerulus mask {slide_id} (1 = glomerulus)",
+        description=f"HoloHisto synthetic glomerulus mask {slide_id} (1 = glomerulus{decoy_note})",
         progress=progress and f"{slide_id} mask",
     )  # fmt: skip
     tissue_fraction = counts["tissue"] / (width * height)
     glomerulus_fraction = counts["glomerulus"] / max(counts["tissue"], 1)
     objects_path = out / f"{slide_id}_objects.json"
-    _write_sidecar(objects_path, scene, slide_id, shapes, tissue_fraction, glomerulus_fraction)
+    _write_sidecar(objects_path, scene, slide_id, shapes, tissue_fraction, glomerulus_fraction, decoy_value)
     o = scene.objects
     return SlideResult(
         slide_id=slide_id,
@@ -161,7 +183,13 @@ class _Level0Counter:
 
 
 def _write_sidecar(
-    path: Path, scene: Scene, slide_id: str, shapes, tissue_fraction: float, glom_fraction: float
+    path: Path,
+    scene: Scene,
+    slide_id: str,
+    shapes,
+    tissue_fraction: float,
+    glom_fraction: float,
+    decoy_value: int,
 ):
     sidecar = {
         "slide_id": slide_id,
@@ -171,12 +199,13 @@ def _write_sidecar(
         "mpp": scene.mpp,
         "level_shapes": [list(s) for s in shapes],
         "decoys": scene.decoys,
+        "decoy_mask_value": decoy_value,
         "tissue_fraction": tissue_fraction,
         "glomerulus_fraction_in_tissue": glom_fraction,
         "coordinates": "level-0 pixels, pixel i spans [i, i + 1); level L pixel j is sampled at (j + 0.5) * 2**L",
         "outline": OUTLINE_FORMULA + "; mask is 1 where the pixel centre has r <= r(phi) of a glomerulus",
         "medulla": _medulla_record(scene),
-        "objects": scene.object_records(),
+        "objects": scene.object_records(decoy_value),
     }
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(sidecar, indent=1)))
 
