@@ -343,19 +343,28 @@ def decoy_figures(pred_dir: Path, slide_dir: Path) -> dict:
 
 
 def _object_pixels(obj: dict, predicted: np.ndarray, sy: float, sx: float) -> tuple[int, int]:
-    cx, cy, reach = obj["cx"], obj["cy"], obj["max_radius"]
-    r0, r1 = max(0, math.floor((cy - reach) / sy)), min(predicted.shape[0], math.ceil((cy + reach) / sy) + 1)
-    c0, c1 = max(0, math.floor((cx - reach) / sx)), min(predicted.shape[1], math.ceil((cx + reach) / sx) + 1)
-    if r0 >= r1 or c0 >= c1:
+    window = object_inside(obj, predicted.shape, sy, sx)
+    if window is None:
         return 0, 0
+    rows, cols, inside = window
+    return int(inside.sum()), int((inside & predicted[rows, cols]).sum())
+
+
+def object_inside(obj: dict, shape: tuple[int, int], sy: float, sx: float):
+    """(rows, cols, inside): the sidecar object's pixels in an array of `shape` whose pixel (i, j) is
+    sampled at level-0 ((i + 0.5) * sy, (j + 0.5) * sx), as the mask writer samples; None if outside."""
+    cx, cy, reach = obj["cx"], obj["cy"], obj["max_radius"]
+    r0, r1 = max(0, math.floor((cy - reach) / sy)), min(shape[0], math.ceil((cy + reach) / sy) + 1)
+    c0, c1 = max(0, math.floor((cx - reach) / sx)), min(shape[1], math.ceil((cx + reach) / sx) + 1)
+    if r0 >= r1 or c0 >= c1:
+        return None
     dy = (np.arange(r0, r1) + 0.5)[:, None] * sy - cy
     dx = (np.arange(c0, c1) + 0.5)[None, :] * sx - cx
     phi = np.arctan2(dy, dx)
     outline = np.ones_like(phi)
     for k, amp, phase in obj["outline_harmonics"]:
         outline += amp * np.cos(k * phi + phase)
-    inside = np.hypot(dy, dx) <= obj["radius"] * outline
-    return int(inside.sum()), int((inside & predicted[r0:r1, c0:c1]).sum())
+    return slice(r0, r1), slice(c0, c1), np.hypot(dy, dx) <= obj["radius"] * outline
 
 
 # -- the tables ---------------------------------------------------------------------------------

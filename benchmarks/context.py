@@ -38,7 +38,7 @@ validation included) is train_s. No early stopping: `custom train` has no time o
 
 --quick: large_context and tiles_512, one seed, 7 min of steps each: about 24 min on 2 quiet cores
 with synthesis, segmentation and evaluation. Default (full): all rows, 2 seeds, 15 min of steps
-each: about 8.5 h (SwinUNETR alone segments at ~12 s per tile). --smoke: tiny slides, 1024 px at
+each: about 10 h (SwinUNETR alone segments at ~12 s per tile). --smoke: tiny slides, 1024 px at
 most, a few steps (the test's run).
 Writes DIR/context.json (one entry per row x seed) and prints the table. Entries already under DIR
 with the same settings are reused (delete DIR/runs/<row> to redo one). Synthetic slides only.
