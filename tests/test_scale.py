@@ -65,7 +65,7 @@ def test_training_reads_20x_and_40x_slides_at_one_physical_scale(mixed_datalist,
     record = read_checkpoint(tmp_path / "model.pt")["input_config"]
     assert record == {
         "patch_size": [PATCH, PATCH], "patch_level": None, "patch_mpp": TARGET_MPP,
-        "class_names": {"1": "Glomerulus"},
+        "class_names": {"1": "Glomerulus"}, "background_classes": [],
     }  # fmt: skip
     # reading by level instead mixes the two scales: level 1 is 0.5 um/px on one, 1.0 on the other
     by_level = RandomTissuePatchDataset(items, patch_size=PATCH, patch_level=1, seed=0)

@@ -166,7 +166,8 @@ def test_train_json_fine_tunes_the_shipped_model_on_tile_items_as_monai_label_ru
     saved = read_checkpoint(out / "model.pt")
     assert saved["network_config"] == network_config(net)
     assert saved["input_config"] == record | {
-        "class_names": {"1": "Glomerulus"}
+        "class_names": {"1": "Glomerulus"},
+        "background_classes": [],
     }  # the scale trained at, and the classes
     # the codebook (k-means initialised on the first batch) and normalisation statistics move without a
     # learning rate; every weight must still be the shipped one

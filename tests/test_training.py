@@ -45,6 +45,7 @@ def test_training_learns_and_saves_checkpoints_that_rebuild_their_network(kpis_f
     best = read_checkpoint(tmp_path / "model.pt")
     assert best["input_config"] == {
         "patch_size": [256, 256], "patch_level": None, "patch_mpp": 0.5, "class_names": {"1": "Glomerulus"},
+        "background_classes": [],
     }  # fmt: skip
     net = build_network(best["network_config"])
     net.load_state_dict(best["network"])  # strict: the record rebuilds exactly this network
