@@ -23,37 +23,25 @@ class FoldIntoBackground(nn.Module):
     def __init__(self, network: nn.Module, classes: Sequence[int], num_classes: int):
         super().__init__()
         self.network = network
-        self.first = folded_from(classes, num_classes)
-        self.num_classes = int(num_classes)
+        self.first = int(num_classes) - len(checked_classes(classes, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.network(x)
-        if logits.shape[1] != self.num_classes:
-            raise ConfigError(
-                f"background_classes expects a net with {self.num_classes} output classes; it gives {logits.shape[1]}"
-            )
         background = torch.logsumexp(torch.cat([logits[:, :1], logits[:, self.first :]], 1), 1, keepdim=True)
         return torch.cat([background, logits[:, 1 : self.first]], 1)
 
 
-def folded_from(classes: Sequence[int], num_classes: int) -> int:
-    """The first folded label; folded labels must be the highest ones, and at least one class stays."""
-    classes = sorted(int(c) for c in classes)
+def checked_classes(classes: Sequence[int] | None, num_classes: int) -> list[int]:
+    """The folded labels, sorted, as a checkpoint records them: the highest labels, leaving background
+    and at least one class. Checked when training starts, not first at inference."""
+    classes = sorted(int(c) for c in classes or ())
     first = int(num_classes) - len(classes)
-    if first < 2 or classes != list(range(first, int(num_classes))):
+    if classes and (first < 2 or classes != list(range(first, int(num_classes)))):
         raise ConfigError(
             f"background_classes {classes} must be the highest labels of a net with {num_classes} classes, "
             "leaving background and at least one class (e.g. [2] of 3)"
         )
-    return first
-
-
-def checked_classes(classes: Sequence[int] | None, num_classes: int) -> list[int]:
-    """The folded labels as a checkpoint records them, checked at training time, not first at inference."""
-    if not classes:
-        return []
-    folded_from(classes, num_classes)
-    return sorted(int(c) for c in classes)
+    return classes
 
 
 def fold_into_background(
