@@ -132,7 +132,11 @@ def run(side: int, tokenizer: str, mode: str, args: argparse.Namespace) -> dict:
     command += ["--threads", str(args.threads), "--memory-limit-gb", str(args.memory_limit_gb)]
     load = os.getloadavg()[0]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s, cwd=REPO)
+        # glibc's own malloc settings: what a step holds, not what a heap tuned for reuse keeps
+        env = os.environ | {"HOLOHISTO_GLIBC_MALLOC": "1"}
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=args.timeout_s, cwd=REPO, env=env
+        )
     except subprocess.TimeoutExpired:
         return {"failed": f"stopped after {args.timeout_s:.0f} s", "load": load}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]

@@ -77,3 +77,7 @@ class _QuietLoader(importlib.abc.Loader):
 
 if not any(isinstance(f, _QuietNativeImport) for f in sys.meta_path):
     sys.meta_path.insert(0, _QuietNativeImport())
+
+from custom.io import reuse_freed_memory  # noqa: E402  (after the import hook, which must come first)
+
+reuse_freed_memory()
