@@ -159,6 +159,10 @@ def test_chunked_mask_reads_any_region_and_halves_by_max():
         half = store.halved()
         assert half.shape == (101, 167) and np.array_equal(half.read(0, 101, 0, 167), max_pool2(full))
         half.close()
+        # max_pool2 itself against the plain 2 x 2 block max, odd edges padded with background
+        padded = np.zeros((202, 334), np.uint8)
+        padded[:201, :333] = full
+        assert np.array_equal(max_pool2(full), padded.reshape(101, 2, 167, 2).max(axis=(1, 3)))
     finally:
         store.close()
 
