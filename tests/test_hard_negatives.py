@@ -7,13 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine
 from monai.bundle import ConfigParser
+from monai.handlers import MeanDice
 
 from custom.checkpoints import save_checkpoint
 from custom.cli import main
 from custom.errors import ConfigError
 from custom.inference.negatives import FoldIntoBackground, checked_classes, fold_into_background
 from custom.networks import holohisto_tiny, network_config
+from custom.training import class_dice_metrics
 from custom.wsi.reader import open_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +62,32 @@ def test_training_config_records_the_folded_classes_and_rejects_a_bad_choice_bef
     cause = err.value.__cause__
     assert isinstance(cause, ConfigError)
     assert "background_classes [1] must be the highest labels of a net with 2 classes" in str(cause)
+
+
+def test_validation_scores_the_mimic_class_apart_from_the_mean():
+    metrics = _parser("hard_negative_class.json").get_parsed_content("validate#evaluator#additional_metrics")
+    assert set(metrics) == {"val_dice_glomerulus", "val_dice_glomerulus_mimic"}
+    assert _parser().get_parsed_content("validate#evaluator#additional_metrics") == {}  # 2 classes: the mean
+
+    # rows 0-3 glomerulus, rows 4-5 mimic; the net calls the mimic glomerulus
+    label = torch.zeros(8, 8, dtype=torch.long)
+    label[:4], label[4:6] = 1, 2
+    pred = torch.where(label == 2, 1, label)
+
+    def onehot(x):
+        return torch.nn.functional.one_hot(x, 3).permute(2, 0, 1).float()
+
+    engine = Engine(lambda engine, batch: [{"pred": onehot(pred), "label": onehot(label)}])
+    for name, metric in metrics.items():
+        metric.attach(engine, name)
+    MeanDice(include_background=False, output_transform=lambda o: ([o[0]["pred"]], [o[0]["label"]])).attach(
+        engine, "val_mean_dice"
+    )
+    scores = engine.run([0], max_epochs=1).metrics
+    assert scores["val_dice_glomerulus"] == pytest.approx(2 * 32 / (48 + 32))
+    assert scores["val_dice_glomerulus_mimic"] == 0.0
+    assert scores["val_mean_dice"] == pytest.approx(0.4)  # the mean alone reads as a middling net
+    assert class_dice_metrics(3, {}).keys() == {"val_dice_class_1", "val_dice_class_2"}
 
 
 def _mimic_everywhere(path: Path, background_classes: list[int]) -> Path:
