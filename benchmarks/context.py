@@ -256,14 +256,16 @@ def run_row(log: Log, out: Path, row: Row, seed: int, settings: dict) -> dict:
     run_dir = out / "runs" / row.key / f"seed{seed}"
     config = override(out, f"{row.key}_seed{seed}", row, spec, per_epoch, val_patches)
     train_s, train_cmd = train(log, train_slides(out, row.decoy_class), run_dir, config, epochs, seed)
-    val_dice = [float(v) for v in re.findall(r"Metrics -- val_mean_dice: ([0-9.]+)", _log_text(run_dir))]
+    val = validation_by_epoch(_log_text(run_dir))
+    val_dice = val.pop("val_mean_dice", [])
     segment_s, evaluate_s, slides = score(log, out, f"{row.key}/seed{seed}", run_dir / "model.pt")
     entry = {
         "row": row.key, "seed": seed, "side_px": spec["side_px"], "mpp": spec["mpp"],
         "level": round(math.log2(spec["mpp"] / MPP_DEFAULT)), "context_um": spec["side_px"] * spec["mpp"],
         **pooled(slides),
         "train_s": train_s, "step_s": step_s, "steps": per_epoch * epochs, "epochs": epochs, "batch": row.batch,
-        "val_patches": val_patches, "val_dice_by_epoch": val_dice, "best_val_dice": max(val_dice, default=None),
+        "val_patches": val_patches, "val_dice_by_epoch": val_dice, "val_class_dice_by_epoch": val,
+        "best_val_dice": max(val_dice, default=None),
         "best_val_epoch": val_dice.index(max(val_dice)) + 1 if val_dice else None,
         "segment_s": segment_s, "evaluate_s": evaluate_s, "train_cmd": train_cmd, "slides": slides,
     }  # fmt: skip
@@ -284,6 +286,18 @@ def score(log: Log, out: Path, name: str, model: Path) -> tuple[float, float, di
         evaluate_s,
         slide_figures(report_dir / "metrics.json", decoy_figures(pred_dir, test_dir)),
     )
+
+
+def validation_by_epoch(log_text: str) -> dict[str, list[float]]:
+    """Every validation metric per epoch from StatsHandler's "Metrics -- name: value ..." lines.
+
+    With 3+ classes the per-class Dice (`val_dice_<class>`) come before `val_mean_dice` on the line.
+    """
+    by_name: dict[str, list[float]] = {}
+    for line in re.findall(r"Metrics -- (.*)", log_text):
+        for name, value in re.findall(r"(\w+): ([0-9.]+)", line):
+            by_name.setdefault(name, []).append(float(value))
+    return by_name
 
 
 def _log_text(run_dir: Path) -> str:

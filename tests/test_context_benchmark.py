@@ -50,6 +50,26 @@ def test_context_smoke_writes_both_quick_rows(tmp_path):
     assert result["settings"]["mode"] == "smoke" and "equal wall clock" in result["settings"]["budget"]
     assert "| HoloHisto tiny, large context (`large_context`) | 1024 @ 1 (2) | 1024 |" in done.stdout
     assert "`large_context` vs `tiles_512`: 2 pairs" in done.stdout
+    # two classes: the mean is the only validation figure, one per epoch
+    assert len(e["val_dice_by_epoch"]) == e["epochs"] and e["val_class_dice_by_epoch"] == {}
+
+
+def test_validation_figures_are_read_per_class_and_per_epoch_from_the_training_log():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from context import validation_by_epoch
+
+    log = (
+        "2026-12-04 20:08:01,1 - INFO - Epoch[1] Metrics -- val_dice_glomerulus: 0.3340 "
+        "val_dice_glomerulus_mimic: 0.0812 val_mean_dice: 0.2597 \n"
+        "2026-12-04 20:08:02,1 - INFO - Epoch: 2/6, Iter: 1/115 -- train_loss: 0.9000 \n"
+        "2026-12-04 20:11:40,1 - INFO - Epoch[2] Metrics -- val_dice_glomerulus: 0.6426 "
+        "val_dice_glomerulus_mimic: 0.0403 val_mean_dice: 0.5192 \n"
+    )
+    assert validation_by_epoch(log) == {
+        "val_dice_glomerulus": [0.334, 0.6426],
+        "val_dice_glomerulus_mimic": [0.0812, 0.0403],
+        "val_mean_dice": [0.2597, 0.5192],
+    }
 
 
 def test_context_signal_reads_one_orientation_as_uniform_and_a_turn_as_not():
