@@ -46,11 +46,11 @@ def _blobs(shape, count, seed, radius=(3, 14)):
     return out
 
 
-def _components(mask, cell, order_seed, missing=()):
+def _components(mask, cell, order_seed, missing=(), min_object_px=0, max_hole_px=0):
     """Feed `mask` cut into `cell`-sized cells in a random order, as the stitcher's workers would."""
     grid = (-(-mask.shape[0] // cell), -(-mask.shape[1] // cell))
     present = [(i, j) for i in range(grid[0]) for j in range(grid[1]) if (i, j) not in missing]
-    comps = SlideComponents(present, grid)
+    comps = SlideComponents(present, grid, min_object_px, max_hole_px)
     for k in np.random.default_rng(order_seed).permutation(len(present)):
         i, j = present[k]
         labels = mask[i * cell : (i + 1) * cell, j * cell : (j + 1) * cell].astype(np.uint8)
@@ -62,7 +62,7 @@ def _components(mask, cell, order_seed, missing=()):
 def test_slide_components_find_the_same_objects_as_labelling_the_whole_map(seed, cell):
     mask = _blobs((150, 230), 40, seed)
     comps, _ = _components(mask, cell, seed)
-    drop, _ = comps.decide(min_object_px=0, max_hole_px=0)
+    drop, _ = comps.decide()
     found = comps.objects(drop)
     labels, n = ndi.label(mask, structure=EIGHT)
     assert len(found) == n
@@ -72,6 +72,25 @@ def test_slide_components_find_the_same_objects_as_labelling_the_whole_map(seed,
         assert k > 0 and tuple(box) == (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
 
 
+def test_only_components_on_a_cell_edge_enter_the_union_find():
+    """Specks and holes inside a cell are judged there: the union-find holds only the edge components."""
+    mask = _blobs((150, 230), 60, 4, radius=(2, 5))
+    cell = 32
+    comps, present = _components(mask, cell, 0, min_object_px=5, max_hole_px=3)
+    on_edge = inside = 0
+    for i, j in present:
+        tile = mask[i * cell : (i + 1) * cell, j * cell : (j + 1) * cell]
+        for labels, n in (ndi.label(tile, structure=EIGHT), ndi.label(~tile)):
+            rim = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+            on_edge += np.unique(rim[rim > 0]).size
+            inside += n - np.unique(rim[rim > 0]).size
+    assert comps.tracked == on_edge and inside > on_edge
+    # and the objects are still those of the whole map, small ones dropped by their whole size
+    labels, n = ndi.label(mask, structure=EIGHT)
+    sizes = np.bincount(labels.ravel())[1:]
+    assert len(comps.objects(comps.decide()[0])) == int((sizes >= 5).sum())
+
+
 def test_cleanup_judges_objects_and_holes_by_their_whole_size_across_cells():
     """Every cell holds under 100 px of each object, yet the objects spanning four cells stay."""
     mask = np.zeros((64, 64), bool)
@@ -79,15 +98,14 @@ def test_cleanup_judges_objects_and_holes_by_their_whole_size_across_cells():
     mask[((yy - 32) ** 2 + (xx - 32) ** 2) < 12**2] = True  # ~450 px across the corner of 4 cells
     mask[30:34, 30:34] = False  # a 16-px hole, also across the corner
     mask[14:18, 31:34] = True  # a 12-px speck across a cell edge
-    comps, present = _components(mask, 32, 0)
-    drop, fill = comps.decide(min_object_px=100, max_hole_px=50)
+    comps, present = _components(mask, 32, 0, min_object_px=100, max_hole_px=50)
+    drop, fill = comps.decide()
     cleaned = np.zeros_like(mask, np.uint8)
     for i, j in present:
         tile = mask[i * 32 : (i + 1) * 32, j * 32 : (j + 1) * 32].astype(np.uint8)
-        change = comps.changes(i, j, drop, fill)
-        if change is not None:
-            _, lf, lb = label_cell(tile)
-            tile = apply_changes(tile, lf, lb, *change, 50)
+        if comps.changed(i, j, drop, fill):
+            local, lf, lb = label_cell(tile)
+            tile = apply_changes(tile, lf, lb, *comps.changes(i, j, local, drop, fill), 50)
         cleaned[i * 32 : (i + 1) * 32, j * 32 : (j + 1) * 32] = tile
     expected = ndi.binary_fill_holes(mask)
     expected[14:18, 31:34] = False
@@ -96,15 +114,14 @@ def test_cleanup_judges_objects_and_holes_by_their_whole_size_across_cells():
 
 
 def _cleaned(mask, cell, min_object_px, max_hole_px):
-    comps, present = _components(mask, cell, 0)
-    drop, fill = comps.decide(min_object_px=min_object_px, max_hole_px=max_hole_px)
+    comps, present = _components(mask, cell, 0, min_object_px=min_object_px, max_hole_px=max_hole_px)
+    drop, fill = comps.decide()
     cleaned = np.zeros_like(mask, np.uint8)
     for i, j in present:
         tile = mask[i * cell : (i + 1) * cell, j * cell : (j + 1) * cell].astype(np.uint8)
-        change = comps.changes(i, j, drop, fill)
-        if change is not None:
-            _, lf, lb = label_cell(tile)
-            tile = apply_changes(tile, lf, lb, *change, max_hole_px)
+        if comps.changed(i, j, drop, fill):
+            local, lf, lb = label_cell(tile)
+            tile = apply_changes(tile, lf, lb, *comps.changes(i, j, local, drop, fill), max_hole_px)
         cleaned[i * cell : (i + 1) * cell, j * cell : (j + 1) * cell] = tile
     return cleaned.astype(bool)
 
@@ -132,13 +149,15 @@ def test_background_next_to_glass_is_never_a_hole_but_a_small_notch_on_the_slide
     mask[10:14, 40:44] = False  # a real hole
     mask[0:3, 60:63] = False  # a notch on the slide's edge, where the tile's margin saw glass padding
     mask[28:36, 62:64] = False  # a notch against the glass cell (1, 2)
-    comps, _ = _components(mask, 32, 0, missing={(1, 2)})
-    _, fill = comps.decide(min_object_px=0, max_hole_px=1000)
-    assert len({comps.roots()[k] for k in np.flatnonzero(fill)}) == 2  # the hole and the edge notch
+    comps, _ = _components(mask, 32, 0, missing={(1, 2)}, max_hole_px=1000)
+    _, fill = comps.decide()
+    # the edge notch (the hole is inside cell (0, 1), judged there: it never enters the union-find)
+    assert len({comps.roots()[k] for k in np.flatnonzero(fill)}) == 1
+    assert comps.changed(0, 1, *comps.decide()) and not comps.changed(1, 0, *comps.decide())
     glass_only = np.ones((64, 96), bool)
     glass_only[28:36, 62:64] = False
-    comps, _ = _components(glass_only, 32, 0, missing={(1, 2)})
-    assert not comps.decide(min_object_px=0, max_hole_px=1000)[1].any()
+    comps, _ = _components(glass_only, 32, 0, missing={(1, 2)}, max_hole_px=1000)
+    assert not comps.decide()[1].any()
     cleaned = _cleaned(mask, 32, min_object_px=0, max_hole_px=1000)
     assert cleaned[0:3, 60:63].all() and cleaned[10:14, 40:44].all()
 

@@ -5,9 +5,13 @@ background 4-connected, its dual, so that a background component enclosed by for
 of exactly one object. Local components get global ids, and where two cells meet, the ids of
 pixels that touch across the shared edge (or corner, for the foreground) are joined in a
 union-find. Once every cell is in, each object's and each hole's *whole* size is known, however
-many cells it spans, so the cleanup decides per object, never per cell. Memory holds a few numbers
-per component and the border pixels of cells whose neighbours have not arrived yet; never a
-full-slide array.
+many cells it spans, so the cleanup decides per object, never per cell. Only components that touch
+their cell's edge enter the union-find: one wholly inside a cell is already whole, so it is judged
+when its cell arrives, and only a kept object's box is held. On a speckled 80k x 80k slide that is
+70,000 of 2.26 million components; at 66 bytes each (and a copy while the tables grew) all of them
+were most of the ~200 MB by which peak memory grew from a 20k slide to it. Memory holds a few numbers
+per edge component, the kept objects' boxes and the border pixels of cells whose neighbours have not
+arrived yet; never a full-slide array.
 
 Background that touches a cell that is never inferred (glass) is open: not a hole. Background that
 touches only the slide's edge is a hole when small: enclosed by one object and the edge (two objects
@@ -43,16 +47,22 @@ CORNER_NEIGHBOURS = {
 
 @dataclass
 class LocalLabels:
-    """What the union-find needs of one labelled cell (no full-size arrays)."""
+    """What the union-find needs of one labelled cell (no full-size arrays).
 
-    fg_count: int  # foreground components 1..fg_count
+    Components that touch the cell's edge are numbered 1..m apart from OpenCV's labels:
+    `fg_edge_ids[k - 1]` is the OpenCV label of edge component k, and the edges hold those k.
+    """
+
+    fg_count: int  # foreground components 1..fg_count (OpenCV's labels)
     fg_area: np.ndarray
     fg_box: np.ndarray  # (n, 4) y0, x0, y1, x1 inside the cell
     fg_seed: np.ndarray  # (n, 2) y, x of one pixel of each component, inside the cell
     bg_count: int
     bg_area: np.ndarray
-    fg_edges: dict  # side -> local labels along that side (0 = not foreground)
+    fg_edges: dict  # side -> edge-component numbers along that side (0 = not foreground)
     bg_edges: dict
+    fg_edge_ids: np.ndarray  # OpenCV labels of the foreground components on the edge, ascending
+    bg_edge_ids: np.ndarray
 
 
 def well_composed(mask: np.ndarray) -> np.ndarray:
@@ -81,6 +91,8 @@ def label_cell(labels: np.ndarray) -> tuple[LocalLabels, np.ndarray, np.ndarray]
     for k in range(1, nf):  # a component's first pixel in raster order lies on its top row
         row = lf[y[k - 1], x[k - 1] : x[k - 1] + w[k - 1]]
         seeds[k - 1] = (y[k - 1], x[k - 1] + int(np.argmax(row == k)))
+    fg_edges, fg_edge_ids = _edges(lf, nf)
+    bg_edges, bg_edge_ids = _edges(lb, nb)
     summary = LocalLabels(
         fg_count=nf - 1,
         fg_area=sf[1:, cv2.CC_STAT_AREA].astype(np.int64),
@@ -88,8 +100,10 @@ def label_cell(labels: np.ndarray) -> tuple[LocalLabels, np.ndarray, np.ndarray]
         fg_seed=seeds,
         bg_count=nb - 1,
         bg_area=sb[1:, cv2.CC_STAT_AREA].astype(np.int64),
-        fg_edges=_edges(lf),
-        bg_edges=_edges(lb),
+        fg_edges=fg_edges,
+        bg_edges=bg_edges,
+        fg_edge_ids=fg_edge_ids,
+        bg_edge_ids=bg_edge_ids,
     )
     return summary, lf, lb
 
@@ -97,6 +111,8 @@ def label_cell(labels: np.ndarray) -> tuple[LocalLabels, np.ndarray, np.ndarray]
 def _empty_cell(shape) -> tuple[LocalLabels, np.ndarray, np.ndarray]:
     h, w = shape
     zeros, ones = np.broadcast_to(np.int32(0), shape), np.broadcast_to(np.int32(1), shape)  # no full arrays
+    fg_edges, fg_edge_ids = _edges(zeros, 1)
+    bg_edges, bg_edge_ids = _edges(ones, 2)
     summary = LocalLabels(
         fg_count=0,
         fg_area=np.zeros(0, np.int64),
@@ -104,31 +120,35 @@ def _empty_cell(shape) -> tuple[LocalLabels, np.ndarray, np.ndarray]:
         fg_seed=np.zeros((0, 2), np.int64),
         bg_count=1,
         bg_area=np.array([h * w], np.int64),
-        fg_edges=_edges(zeros),
-        bg_edges=_edges(ones),
+        fg_edges=fg_edges,
+        bg_edges=bg_edges,
+        fg_edge_ids=fg_edge_ids,
+        bg_edge_ids=bg_edge_ids,
     )
     return summary, zeros, ones
 
 
-def _edges(lab: np.ndarray) -> dict:
-    return {
-        "top": lab[0].copy(),
-        "bottom": lab[-1].copy(),
-        "left": lab[:, 0].copy(),
-        "right": lab[:, -1].copy(),
-    }
+def _edges(lab: np.ndarray, count: int) -> tuple[dict, np.ndarray]:
+    """The labels along each side renumbered 1..m over the components on the edge, and their OpenCV labels."""
+    sides = {"top": lab[0], "bottom": lab[-1], "left": lab[:, 0], "right": lab[:, -1]}
+    ids = np.unique(np.concatenate(list(sides.values())))
+    ids = ids[ids > 0]
+    number = np.zeros(count, np.int64)
+    number[ids] = np.arange(1, ids.size + 1)
+    return {side: number[values] for side, values in sides.items()}, ids.astype(np.int64)
 
 
 @dataclass
 class _Cell:
     origin: tuple[int, int]
     fg_base: int
-    fg_count: int
+    fg_count: int  # edge components only: the union-find's ids fg_base + 1 .. fg_base + fg_count
     bg_base: int
     bg_count: int
     fg_edges: dict | None
     bg_edges: dict | None
     waiting: int  # present neighbours not added yet; the edges are dropped when it reaches 0
+    inside_changes: bool  # an object inside the cell is dropped, or a hole inside it filled
 
 
 class SlideComponents:
@@ -137,12 +157,16 @@ class SlideComponents:
     Args:
         present: the (i, j) cells that will be added; every other cell is background (glass).
         grid_shape: (rows, cols) of the cell grid.
+        min_object_px: objects under this many pixels are dropped.
+        max_hole_px: enclosed holes under this many pixels are filled.
     """
 
-    def __init__(self, present, grid_shape: tuple[int, int]):
+    def __init__(self, present, grid_shape: tuple[int, int], min_object_px: int = 0, max_hole_px: int = 0):
         self.present = set(present)
         self.rows, self.cols = grid_shape
+        self.min_object_px, self.max_hole_px = int(min_object_px), int(max_hole_px)
         self.cells: dict[tuple[int, int], _Cell] = {}
+        self._inside: list[tuple[np.ndarray, np.ndarray]] = []  # kept objects wholly inside a cell
         self._lock = threading.Lock()
         self._n = 0
         self._parent = np.zeros(1024, np.int64)
@@ -153,6 +177,11 @@ class SlideComponents:
         self._seed = np.zeros((1024, 2), np.int64)
         self._roots: np.ndarray | None = None
 
+    @property
+    def tracked(self) -> int:
+        """Components in the union-find: those on a cell's edge."""
+        return self._n
+
     # ---- pass 1 ------------------------------------------------------------------------------
 
     def add(self, i: int, j: int, origin: tuple[int, int], local: LocalLabels) -> None:
@@ -160,13 +189,28 @@ class SlideComponents:
         with self._lock:
             self._roots = None
             oy, ox = origin
-            fg_base = self._allocate(local.fg_count, fg=True)
-            ids = slice(fg_base + 1, fg_base + 1 + local.fg_count)
-            self._area[ids] = local.fg_area
-            self._box[ids] = local.fg_box + np.array([oy, ox, oy, ox])
-            self._seed[ids] = local.fg_seed + np.array([oy, ox])
-            bg_base = self._allocate(local.bg_count, fg=False)
-            self._area[bg_base + 1 : bg_base + 1 + local.bg_count] = local.bg_area
+            fg_edge, bg_edge = local.fg_edge_ids - 1, local.bg_edge_ids - 1  # rows of the local tables
+            fg_base = self._allocate(fg_edge.size, fg=True)
+            ids = slice(fg_base + 1, fg_base + 1 + fg_edge.size)
+            self._area[ids] = local.fg_area[fg_edge]
+            self._box[ids] = local.fg_box[fg_edge] + np.array([oy, ox, oy, ox])
+            self._seed[ids] = local.fg_seed[fg_edge] + np.array([oy, ox])
+            bg_base = self._allocate(bg_edge.size, fg=False)
+            self._area[bg_base + 1 : bg_base + 1 + bg_edge.size] = local.bg_area[bg_edge]
+            inside_fg = np.ones(local.fg_count, bool)
+            inside_fg[fg_edge] = False
+            inside_bg = np.ones(local.bg_count, bool)
+            inside_bg[bg_edge] = False
+            dropped = inside_fg & (local.fg_area < self.min_object_px)
+            filled = inside_bg & (local.bg_area < self.max_hole_px)
+            kept = inside_fg & ~dropped
+            if kept.any():
+                self._inside.append(
+                    (
+                        local.fg_box[kept] + np.array([oy, ox, oy, ox]),
+                        local.fg_seed[kept] + np.array([oy, ox]),
+                    )
+                )
             fg_edges = {s: _globalise(e, fg_base) for s, e in local.fg_edges.items()}
             bg_edges = {s: _globalise(e, bg_base) for s, e in local.bg_edges.items()}
             waiting = 0
@@ -193,7 +237,15 @@ class SlideComponents:
                 elif other in self.present:
                     waiting += 1
             self.cells[(i, j)] = _Cell(
-                (oy, ox), fg_base, local.fg_count, bg_base, local.bg_count, fg_edges, bg_edges, waiting
+                (oy, ox),
+                fg_base,
+                fg_edge.size,
+                bg_base,
+                bg_edge.size,
+                fg_edges,
+                bg_edges,
+                waiting,
+                bool(dropped.any() or filled.any()),
             )
             if waiting == 0:
                 self.cells[(i, j)].fg_edges = self.cells[(i, j)].bg_edges = None
@@ -211,38 +263,51 @@ class SlideComponents:
             self._roots = parent
         return self._roots
 
-    def decide(self, min_object_px: int, max_hole_px: int) -> tuple[np.ndarray, np.ndarray]:
+    def decide(self) -> tuple[np.ndarray, np.ndarray]:
         """Per global id: (drop, fill) - objects under `min_object_px`, enclosed holes under `max_hole_px`."""
         roots = self.roots()
         area = self._area[: self._n + 1][roots]
         is_fg = self._is_fg[: self._n + 1]
         opened = self._open[: self._n + 1][roots]
-        drop = is_fg & (area < min_object_px)
-        fill = ~is_fg & ~opened & (area < max_hole_px)
+        drop = is_fg & (area < self.min_object_px)
+        fill = ~is_fg & ~opened & (area < self.max_hole_px)
         drop[0] = fill[0] = False
         return drop, fill
 
-    def changes(
-        self, i: int, j: int, drop: np.ndarray, fill: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray] | None:
-        """(drop, fill) lookup tables over cell (i, j)'s local labels, or None when nothing changes there."""
+    def changed(self, i: int, j: int, drop: np.ndarray, fill: np.ndarray) -> bool:
+        """Whether the cleanup changes anything in cell (i, j) (so it need not be read back otherwise)."""
         cell = self.cells.get((i, j))
         if cell is None:
-            return None
-        local_drop = np.zeros(cell.fg_count + 1, bool)
-        local_drop[1:] = drop[cell.fg_base + 1 : cell.fg_base + 1 + cell.fg_count]
-        local_fill = np.zeros(cell.bg_count + 1, bool)
-        local_fill[1:] = fill[cell.bg_base + 1 : cell.bg_base + 1 + cell.bg_count]
-        if not local_drop.any() and not local_fill.any():
-            return None
+            return False
+        return bool(
+            cell.inside_changes
+            or drop[cell.fg_base + 1 : cell.fg_base + 1 + cell.fg_count].any()
+            or fill[cell.bg_base + 1 : cell.bg_base + 1 + cell.bg_count].any()
+        )
+
+    def changes(
+        self, i: int, j: int, local: LocalLabels, drop: np.ndarray, fill: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(drop, fill) lookup tables over the OpenCV labels of cell (i, j), `local` its labelling again."""
+        cell = self.cells[(i, j)]
+        if local.fg_edge_ids.size != cell.fg_count or local.bg_edge_ids.size != cell.bg_count:
+            raise ValueError(f"cell ({i}, {j}) was labelled differently when it was added")
+        local_drop = np.zeros(local.fg_count + 1, bool)
+        local_drop[1:] = local.fg_area < self.min_object_px
+        local_drop[local.fg_edge_ids] = drop[cell.fg_base + 1 : cell.fg_base + 1 + cell.fg_count]
+        local_fill = np.zeros(local.bg_count + 1, bool)
+        local_fill[1:] = local.bg_area < self.max_hole_px
+        local_fill[local.bg_edge_ids] = fill[cell.bg_base + 1 : cell.bg_base + 1 + cell.bg_count]
         return local_drop, local_fill
 
     def objects(self, drop: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """(box y0, x0, y1, x1; seed y, x) of every kept object, in the order of their first pixel."""
+        found = [(box, seed) for boxes, seeds in self._inside for box, seed in zip(boxes, seeds, strict=True)]
         roots = self.roots()
         ids = np.flatnonzero(self._is_fg[: self._n + 1] & ~drop)
         if ids.size == 0:
-            return []
+            found.sort(key=lambda o: (int(o[1][0]), int(o[1][1])))
+            return found
         r = roots[ids]
         order = np.argsort(r, kind="stable")
         ids, r = ids[order], r[order]
@@ -253,7 +318,7 @@ class SlideComponents:
         y1 = np.maximum.reduceat(boxes[:, 2], starts)
         x1 = np.maximum.reduceat(boxes[:, 3], starts)
         seeds = self._seed[ids[starts]]
-        found = [(np.array([a, b, c, d]), s) for a, b, c, d, s in zip(y0, x0, y1, x1, seeds, strict=True)]
+        found += [(np.array([a, b, c, d]), s) for a, b, c, d, s in zip(y0, x0, y1, x1, seeds, strict=True)]
         found.sort(key=lambda o: (int(o[1][0]), int(o[1][1])))
         return found
 

@@ -99,7 +99,7 @@ class WholeSlideInferer(Inferer):
         grid = plan.grid
         labels = ChunkedMask(plan.shape, grid.stride, self.work_dir, "labels")
         probability = self._probability_store(plan)
-        components = SlideComponents(plan.cells, (grid.rows, grid.cols))
+        components = SlideComponents(plan.cells, (grid.rows, grid.cols), *self.cleanup_px(plan))
         stitcher = Stitcher(
             grid,
             plan.cells,
@@ -155,17 +155,16 @@ class WholeSlideInferer(Inferer):
         return round(max(0.0, self.min_object_um2) / px_um2), round(max(0.0, self.max_hole_um2) / px_um2)
 
     def _cleanup(self, plan: TilePlan, labels: ChunkedMask, components: SlideComponents) -> list:
-        min_px, hole_px = self.cleanup_px(plan)
-        drop, fill = components.decide(min_px, hole_px)
+        drop, fill = components.decide()
 
         def clean(cell):
-            changes = components.changes(*cell, drop, fill)
-            if changes is None:
+            if not components.changed(*cell, drop, fill):
                 return
             values = labels.get(*cell)
             values = np.zeros(labels.chunk_shape(*cell), np.uint8) if values is None else values
-            _, lf, lb = label_cell(values)
-            labels.put(*cell, apply_changes(values, lf, lb, *changes, hole_px))
+            local, lf, lb = label_cell(values)
+            changes = components.changes(*cell, local, drop, fill)
+            labels.put(*cell, apply_changes(values, lf, lb, *changes, components.max_hole_px))
 
         with ThreadPoolExecutor(self.workers, thread_name_prefix="cleanup") as pool:
             list(pool.map(clean, plan.cells))
