@@ -40,17 +40,13 @@ import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from context_signal import orientation_field
+from context_signal import OBJECT_MARGIN, TENSOR_SIGMA_PX, orientation_field  # the same disks and R
 
 from custom.checkpoints import config_from_checkpoint, load_weights, read_checkpoint
 from custom.io import write_atomic
 from custom.networks import build_network
 from custom.wsi.reader import open_slide
 
-OBJECT_MARGIN = (
-    1.3  # an object's disk, as `context_signal.py` leaves it out of the field: 1.3 x its max radius
-)
-TENSOR_SIGMA_PX = 8.0  # `context_signal.py`'s averaging for the hand-made measure
 BLOCKS = 8  # 8 x 8 blocks of the field: 256 um each at a 2048-um field
 # which of a stage's pooled figures (C means, C pixel sds, C block sds) a probe reads
 POOLINGS = {"all": lambda c: slice(0, 3 * c), "block spread": lambda c: slice(2 * c, 3 * c)}

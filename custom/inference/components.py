@@ -201,8 +201,8 @@ class SlideComponents:
             inside_fg[fg_edge] = False
             inside_bg = np.ones(local.bg_count, bool)
             inside_bg[bg_edge] = False
-            dropped = inside_fg & (local.fg_area < self.min_object_px)
-            filled = inside_bg & (local.bg_area < self.max_hole_px)
+            small, pinhole = self._judged_whole(local)
+            dropped, filled = inside_fg & small, inside_bg & pinhole
             kept = inside_fg & ~dropped
             if kept.any():
                 self._inside.append(
@@ -293,32 +293,34 @@ class SlideComponents:
         if local.fg_edge_ids.size != cell.fg_count or local.bg_edge_ids.size != cell.bg_count:
             raise ValueError(f"cell ({i}, {j}) was labelled differently when it was added")
         local_drop = np.zeros(local.fg_count + 1, bool)
-        local_drop[1:] = local.fg_area < self.min_object_px
-        local_drop[local.fg_edge_ids] = drop[cell.fg_base + 1 : cell.fg_base + 1 + cell.fg_count]
         local_fill = np.zeros(local.bg_count + 1, bool)
-        local_fill[1:] = local.bg_area < self.max_hole_px
+        local_drop[1:], local_fill[1:] = self._judged_whole(local)  # right for the interior ones
+        local_drop[local.fg_edge_ids] = drop[cell.fg_base + 1 : cell.fg_base + 1 + cell.fg_count]
         local_fill[local.bg_edge_ids] = fill[cell.bg_base + 1 : cell.bg_base + 1 + cell.bg_count]
         return local_drop, local_fill
+
+    def _judged_whole(self, local: LocalLabels) -> tuple[np.ndarray, np.ndarray]:
+        """Per OpenCV label 1..n of a cell: (drop, fill) if each component were all there is of it."""
+        return local.fg_area < self.min_object_px, local.bg_area < self.max_hole_px
 
     def objects(self, drop: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """(box y0, x0, y1, x1; seed y, x) of every kept object, in the order of their first pixel."""
         found = [(box, seed) for boxes, seeds in self._inside for box, seed in zip(boxes, seeds, strict=True)]
-        roots = self.roots()
         ids = np.flatnonzero(self._is_fg[: self._n + 1] & ~drop)
-        if ids.size == 0:
-            found.sort(key=lambda o: (int(o[1][0]), int(o[1][1])))
-            return found
-        r = roots[ids]
-        order = np.argsort(r, kind="stable")
-        ids, r = ids[order], r[order]
-        starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
-        boxes = self._box[ids]
-        y0 = np.minimum.reduceat(boxes[:, 0], starts)
-        x0 = np.minimum.reduceat(boxes[:, 1], starts)
-        y1 = np.maximum.reduceat(boxes[:, 2], starts)
-        x1 = np.maximum.reduceat(boxes[:, 3], starts)
-        seeds = self._seed[ids[starts]]
-        found += [(np.array([a, b, c, d]), s) for a, b, c, d, s in zip(y0, x0, y1, x1, seeds, strict=True)]
+        if ids.size:
+            r = self.roots()[ids]
+            order = np.argsort(r, kind="stable")
+            ids, r = ids[order], r[order]
+            starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
+            boxes = self._box[ids]
+            y0 = np.minimum.reduceat(boxes[:, 0], starts)
+            x0 = np.minimum.reduceat(boxes[:, 1], starts)
+            y1 = np.maximum.reduceat(boxes[:, 2], starts)
+            x1 = np.maximum.reduceat(boxes[:, 3], starts)
+            seeds = self._seed[ids[starts]]
+            found += [
+                (np.array([a, b, c, d]), s) for a, b, c, d, s in zip(y0, x0, y1, x1, seeds, strict=True)
+            ]
         found.sort(key=lambda o: (int(o[1][0]), int(o[1][1])))
         return found
 
