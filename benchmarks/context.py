@@ -26,6 +26,11 @@ of a 4096-px patch at level 1, affordable on a 2-core CPU. Rows, one switch each
                        than any other, so this asks whether the decoys can be learnt at each context
                        once the loss must tell them apart. large_context_decoy_class's partner is
                        tiles_512_decoy_class: the same supervision, 4x less context
+    *_orientation      large_context and tiles_512 with the fixed orientation-context branch
+                       (context_orientation.json; custom/networks/orientation_context.py): maps of how
+                       uniform the texture's orientation is over 256 um - 2 mm, clipped to the patch,
+                       enter the head at the token grid. The issue-15 design change: context_probe.py
+                       found that training retunes the early filters that carry the tell
 
 Equal budget, stated: every row gets the same wall-clock time of optimizer steps (--budget_s).
 A probe (a short training run per row, once) measures the row's seconds per step from the
@@ -101,6 +106,9 @@ ROWS = {
             "tiles_512_decoy_class", decoy_class=True),
         Row("tiles_512_decoy_class", "hard_negative_class.json", "512 tiles, decoy class", 512, 4, REFERENCE,
             decoy_class=True),
+        Row("large_context_orientation", "context_orientation.json", "large context, orientation branch", 2048, 1,
+            "tiles_512_orientation"),
+        Row("tiles_512_orientation", "context_orientation.json", "512 tiles, orientation branch", 512, 4, REFERENCE),
     )
 }  # fmt: skip
 

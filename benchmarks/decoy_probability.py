@@ -1,10 +1,11 @@
-"""Issue 15: does a net trained with a decoy class see the decoys at all, below the 50 % area threshold?
+"""Issue 15: does a net see the decoys at all, below the 50 % area threshold?
 
 Decoy rejection counts a decoy as rejected only when under half its area is called glomerulus. This
 looks at what the net itself believes. For every decoy and glomerulus of held-out decoy slides (their
 sidecars give the exact outlines), the patch of the checkpoint's size and scale centred on the object
 is read and the net runs *unfolded*. Then P(decoy) / (P(decoy) + P(glomerulus)) is averaged over the
-object's pixels. The AUC is the chance that a decoy scores higher than a glomerulus: 0.5 means the net
+object's pixels. A 2-class net (decoys trained as background) is scored by P(background) instead,
+the same question without a class to ask it with. The AUC is the chance that a decoy scores higher than a glomerulus: 0.5 means the net
 cannot tell them apart, and 1.0 means some threshold separates every pair. The centred patch is the
 most context the net ever gets, more than a tile at the slide's edge.
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--checkpoint", required=True, help="a model.pt trained with hard_negative_class.json"
+        "--checkpoint", required=True, help="a model.pt: 2 classes, or 3 with hard_negative_class.json"
     )
     parser.add_argument("--slides", required=True, help="decoy slides with their <id>_objects.json sidecars")
     parser.add_argument("--out", default=None, help="also write the per-object figures here (JSON)")
@@ -53,8 +54,10 @@ def main(argv: list[str] | None = None) -> None:
 def decoy_scores(checkpoint: Path, slides: Path) -> dict:
     ckpt = read_checkpoint(checkpoint)
     config, trained = config_from_checkpoint(ckpt), ckpt.get("input_config", {})
-    if config.get("num_classes") != 3:
-        raise ConfigError(f"{checkpoint}: a 3-class net (hard_negative_class.json) is needed, not {config}")
+    if config.get("num_classes", 2) not in (2, 3):
+        raise ConfigError(
+            f"{checkpoint}: a 2-class net or a 3-class one (hard_negative_class.json) is needed, not {config}"
+        )
     net = load_weights(build_network(config, load_tokenizer_checkpoint=False), checkpoint, ckpt).eval()
     side = int(trained["patch_size"][0])
     objects = []
@@ -88,12 +91,14 @@ def decoy_scores(checkpoint: Path, slides: Path) -> dict:
 def _decoy_share(net: torch.nn.Module, rgb: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0)[None]
     p = net(x).softmax(1)[0]
+    if p.shape[0] == 2:  # decoys trained as background: how little it believes them glomeruli
+        return p[0].numpy()
     return (p[DECOY_CLASS] / (p[1] + p[DECOY_CLASS]).clamp_min(1e-6)).numpy()
 
 
 def report(r: dict) -> str:
     return (
-        f"{r['checkpoint']} ({r['side_px']} px at {r['mpp']} um/px, unfolded): mean P(decoy share) inside "
+        f"{r['checkpoint']} ({r['side_px']} px at {r['mpp']} um/px, unfolded): mean decoy score inside "
         f"{r['decoys']} decoys {r['decoy_mean']:.3f}, inside {r['glomeruli']} glomeruli "
         f"{r['glomerulus_mean']:.3f}; AUC {r['auc']:.3f} (0.5: no tell)"
     )

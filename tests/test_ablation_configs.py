@@ -30,6 +30,7 @@ NETWORK_ROWS = {
     "ablation_patch_1024.json": (HoloHistoNet, "tokenizer", "linear", 1024),
     "ablation_patch_2048.json": (HoloHistoNet, "tokenizer", "linear", 2048),
     "ablation_patch_4096.json": (HoloHistoNet, "tokenizer", "linear", 4096),
+    "context_orientation.json": (HoloHistoNet, "tokenizer", "linear", 512),
 }
 # The rows whose head sees no encoder skips (benchmarks/context.py's tokens_only and linear_only).
 SKIPLESS = {"ablation_tokens_only.json", "ablation_linear_only.json"}
@@ -53,6 +54,9 @@ def test_ablation_override_builds_its_network_on_the_tiny_training_config(overri
         assert network.config["vit_widths"] == [48, 64]  # still the tiny preset
         assert network.skip_strides == ([] if override in SKIPLESS else [2, 4, 8])
         assert all(step.skip_proj is None for step in network.head.steps) == (override in SKIPLESS)
+        # Only the orientation row has the fixed context branch, and its head takes the maps.
+        has_context = override == "context_orientation.json"
+        assert (network.context is not None) == (network.head.context_proj is not None) == has_context
     assert parser.get_parsed_content("patch_size") == [side, side]
     assert parser.get_parsed_content("patch_mpp") == 0.5  # the tiny preset reads 0.5 um/px (20X)
 

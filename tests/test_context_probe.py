@@ -13,6 +13,7 @@ from custom.networks import holohisto_tiny
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import context_probe  # noqa: E402
+import decoy_probability  # noqa: E402
 
 
 def test_stage_features_are_those_the_net_computes():
@@ -79,3 +80,24 @@ def test_the_probe_finds_a_tell_in_the_spread_and_none_without_one():
         assert low <= result["test_auc"] <= high, (tell, result)
         assert result["shrinkage"] in context_probe.SHRINKAGE and result["dims"] == 12
         assert context_probe.probe(pooled, "net", "s", "block spread")["dims"] == 4
+
+
+def _biased(num_classes: int, favoured: int) -> torch.nn.Module:
+    """A tiny net whose logits favour one class at every pixel, whatever the input."""
+    net = holohisto_tiny(num_classes=num_classes).eval()
+    conv = net.head.to_logits[0]  # then PixelShuffle(2): class c is channels 4c..4c+3
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.zero_()
+        conv.bias[4 * favoured : 4 * favoured + 4] = 10.0
+    return net
+
+
+def test_the_decoy_score_is_p_background_for_two_classes_and_the_mimic_share_for_three():
+    rgb = np.full((256, 256, 3), 200, np.uint8)
+    scores = {
+        (classes, favoured): float(decoy_probability._decoy_share(_biased(classes, favoured), rgb).mean())
+        for classes, favoured in ((2, 0), (2, 1), (3, 1), (3, 2))
+    }
+    assert scores[(2, 0)] > 0.999 and scores[(2, 1)] < 0.001  # P(background)
+    assert scores[(3, 2)] > 0.999 and scores[(3, 1)] < 0.001  # P(mimic) / (P(mimic) + P(glomerulus))

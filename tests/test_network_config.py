@@ -70,6 +70,7 @@ def test_a_record_written_before_the_config_classes_builds_the_same_net():
     rebuilt.load_state_dict(holohisto_tiny().state_dict(), strict=True)
     expected = {**RECORD_BEFORE_CONFIGS, "tokenizer": dict(RECORD_BEFORE_CONFIGS["tokenizer"])}
     del expected["tokenizer"]["checkpoint_windows"]
+    expected["context_branch"] = "none"  # a setting added since: the old record reads as without it
     assert network_config(rebuilt) == expected == network_config(holohisto_tiny())
 
 
@@ -138,6 +139,14 @@ def test_the_fast_tokenizer_refuses_a_taming_checkpoint(tmp_path, fixtures_dir):
 def test_an_unknown_setting_is_a_config_error_that_names_it(config, named):
     with pytest.raises(ConfigError, match=rf"unknown setting\(s\) \['{named}'\]"):
         build_network(config)
+
+
+def test_a_context_branch_is_one_the_net_knows_and_needs_the_token_grid():
+    assert holohisto_tiny(context_branch="orientation").context.out_channels == 5
+    with pytest.raises(ValueError, match="context_branch must be one of"):
+        holohisto_tiny(context_branch="sobel")
+    with pytest.raises(ValueError, match="token_path='none' has not"):
+        holohisto_tiny(context_branch="orientation", token_path="none")
 
 
 def test_the_autoencoder_mirrors_its_tokenizer_and_records_what_it_built():

@@ -130,8 +130,9 @@ def _train_step(model: torch.nn.Module, size_px: int = SMALL_PX) -> None:
         {"token_path": "none"},
         {"skip_strides": ()},
         {"num_classes": 3},
+        {"context_branch": "orientation"},
     ],
-    ids=["tokenizer", "softmax", "linear", "none", "no_skips", "three_classes"],
+    ids=["tokenizer", "softmax", "linear", "none", "no_skips", "three_classes", "orientation"],
 )
 def test_gradient_reaches_every_trainable_parameter(overrides):
     model = holohisto_tiny(**overrides)
@@ -245,8 +246,9 @@ def test_odd_sizes_are_padded_with_white_and_cropped_back():
     torch.testing.assert_close(logits, reference)
 
 
-def test_tiled_eval_head_equals_untiled_head():
-    model = holohisto_tiny(head_tile_px=256).eval()  # 3 x 4 tiles
+@pytest.mark.parametrize("context_branch", ["none", "orientation"])
+def test_tiled_eval_head_equals_untiled_head(context_branch):
+    model = holohisto_tiny(head_tile_px=256, context_branch=context_branch).eval()  # 3 x 4 tiles
     images = torch.rand(1, 3, 768, 1024)
     with torch.no_grad():
         tiled = model(images)
@@ -304,10 +306,11 @@ def test_checkpointed_windows_give_the_same_loss_and_gradients_with_less_kept_me
         lambda: holohisto_tiny(token_path="linear"),
         lambda: holohisto_tiny(token_path="none", skip_strides=(2, 4)),
         lambda: holohisto_tiny(freeze_tokenizer=True, num_classes=4),
+        lambda: holohisto_tiny(context_branch="orientation"),
         lambda: UNetBaseline(channels=(8, 16, 32), strides=(2, 2)),
         lambda: SwinUNETRBaseline(feature_size=12, depths=(1, 1, 1, 1)),
     ],
-    ids=["tokenizer", "softmax", "linear", "none", "frozen", "unet", "swin_unetr"],
+    ids=["tokenizer", "softmax", "linear", "none", "frozen", "orientation", "unet", "swin_unetr"],
 )
 def test_build_network_from_network_config_rebuilds_the_same_net(make):
     model = make().eval()

@@ -20,6 +20,7 @@ from custom.errors import ConfigError
 from custom.networks.attention import ATTENTION_KERNELS
 
 TOKEN_PATHS = ("tokenizer", "linear", "none")
+CONTEXT_BRANCHES = ("none", "orientation")
 STEM_STRIDES = (1, 2)
 # Settings older records carry that are no longer part of a network's shape. checkpoint_windows was the
 # tokenizer's memory switch; it is now `set_grad_checkpointing()`, which train.json sets.
@@ -165,10 +166,17 @@ class HoloHistoConfig:
     head_depth: int
     decoder_widths: tuple[int, ...]
     head_tile_px: int = 1024
+    context_branch: str = "none"
 
     def __post_init__(self):
         if self.token_path not in TOKEN_PATHS:
             raise ValueError(f"token_path must be one of {TOKEN_PATHS}, got {self.token_path!r}")
+        if self.context_branch not in CONTEXT_BRANCHES:
+            raise ValueError(f"context_branch must be one of {CONTEXT_BRANCHES}, got {self.context_branch!r}")
+        if self.context_branch != "none" and self.token_path == "none":
+            raise ValueError(
+                "context_branch enters the head at the token grid, which token_path='none' has not"
+            )
         if self.attention not in ATTENTION_KERNELS:
             raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         if self.token_path == "none" and not self.skip_strides:

@@ -68,6 +68,7 @@ class SegmentationHead(nn.Module):
         num_classes: int,
         expand_ratio: float,
         tile_px: int = 0,
+        context_channels: int = 0,
     ):
         super().__init__()
         strides = [token_stride // 2 ** (i + 1) for i in range(len(decoder_widths))]
@@ -77,6 +78,13 @@ class SegmentationHead(nn.Module):
                 f"{FINAL_UPSCALE} ({int(math.log2(token_stride)) - 1} widths), got {list(decoder_widths)}"
             )
         self.stage_proj = nn.ModuleList(ConvLayer(c, head_width, 1, act=None) for c in stage_channels)
+        # A context branch's maps join the stages at the token grid, before the fusion blocks, so the
+        # head can weigh a field-wide measure against each token's local evidence. No batch norm: at
+        # batch 1 it would rescale each patch's maps by their own spread and so erase the absolute
+        # level (this field is medulla) that the maps are for.
+        self.context_proj = (
+            ConvLayer(context_channels, head_width, 1, norm=None, act=None) if context_channels else None
+        )
         self.fuse = nn.Sequential(
             *(
                 ResidualBlock(MBConv(head_width, head_width, expand_ratio=expand_ratio))
@@ -116,6 +124,8 @@ class SegmentationHead(nn.Module):
                 x = x + F.interpolate(
                     self.stage_proj[i](stages[i]), size=x.shape[-2:], mode="bilinear", align_corners=False
                 )
+            if self.context_proj is not None:
+                x = x + self.context_proj(features["context"])
             inputs[self.input_stride] = checkpoint_seq(self.grad_checkpointing, self.fuse, x)
         for stride in self.strides:
             if f"skip{stride}" in features:

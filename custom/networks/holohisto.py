@@ -11,7 +11,8 @@ Data flow for a B x 3 x H x W patch in [0, 1] (H, W padded to a multiple of the 
 Ablations (paper Table 3, plus the prototype's lesson that skips carry most of the signal on easy data):
 `token_path` "tokenizer" | "linear" (a strided patch projection replaces the quantized tokens) | "none"
 (the head sees the encoder skips only); `attention` "linear" (ReLU LiteMLA) | "softmax" (MHSA);
-`skip_strides` () removes the skips. Modules a variant never runs are frozen, so DDP (which rejects
+`skip_strides` () removes the skips; `context_branch` "orientation" adds the fixed texture-orientation
+maps of orientation_context.py to the head's token-grid input (the design change of issue 15). Modules a variant never runs are frozen, so DDP (which rejects
 parameters that get no gradient) and optimisers see only live ones.
 
 The net is built from a `HoloHistoConfig` (config.py; named sizes in presets.py, builders in build.py).
@@ -36,6 +37,7 @@ from custom.networks.blocks import PAD_VALUE_WHITE, ConvLayer, MBConv, ResidualB
 from custom.networks.checkpointing import checkpoint_seq
 from custom.networks.config import HoloHistoConfig
 from custom.networks.head import SegmentationHead
+from custom.networks.orientation_context import OrientationContext
 from custom.networks.taming import load_taming_checkpoint
 from custom.networks.tokenizer import VQTokenizer
 
@@ -61,6 +63,7 @@ class HoloHistoNet(nn.Module):
         head_width, head_depth: fusion width and MBConvs at the token stride.
         decoder_widths: widths of the x2 steps at strides 8, 4, 2.
         head_tile_px: eval-mode decoder tile in output pixels (0: untiled); the result does not depend on it.
+        context_branch: "none" | "orientation" (fixed orientation-uniformity maps into the head).
     """
 
     network_name = "holohisto"
@@ -97,6 +100,9 @@ class HoloHistoNet(nn.Module):
                     for _ in range(depth)
                 ]
                 self.stages.append(nn.Sequential(entry, *blocks))
+        self.context = (
+            OrientationContext(cell_px=token_stride) if cfg.context_branch == "orientation" else None
+        )
         self.head = SegmentationHead(
             stage_channels=[widths[i] for i in range(len(self.stages))],
             skip_channels=dict(
@@ -109,6 +115,7 @@ class HoloHistoNet(nn.Module):
             num_classes=cfg.num_classes,
             expand_ratio=cfg.expand_ratio,
             tile_px=cfg.head_tile_px,
+            context_channels=self.context.out_channels if self.context is not None else 0,
         )
         # The grid must split into windows, and every stage must halve it exactly.
         self.size_multiple = math.lcm(
@@ -166,7 +173,8 @@ class HoloHistoNet(nn.Module):
         self.tokenizer.quantize.init_codebook(vectors.permute(0, 2, 3, 1).reshape(-1, vectors.shape[1]))
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x: B x 3 x H x W in [0, 1] with H, W multiples of `size_multiple` -> {"stage<i>", "skip<stride>"}."""
+        """x: B x 3 x H x W in [0, 1], H and W multiples of `size_multiple` -> {"stage<i>", "skip<stride>"}
+        and, with a context branch, "context" (its maps at the token stride)."""
         x = x * 2 - 1
         features: dict[str, torch.Tensor] = {}
         skips: list[torch.Tensor] = []
@@ -190,6 +198,8 @@ class HoloHistoNet(nn.Module):
                 features[f"stage{i}"] = h
         for stride, skip in zip(self.skip_strides, skips, strict=True):
             features[f"skip{stride}"] = skip
+        if self.context is not None:
+            features["context"] = self.context(x)
         return features
 
     def forward_head(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
