@@ -5,8 +5,8 @@ looks at what the net itself believes. For every decoy and glomerulus of held-ou
 sidecars give the exact outlines), the patch of the checkpoint's size and scale centred on the object
 is read and the net runs *unfolded*. Then P(decoy) / (P(decoy) + P(glomerulus)) is averaged over the
 object's pixels. A 2-class net (decoys trained as background) is scored by P(background) instead,
-the same question without a class to ask it with. The AUC is the chance that a decoy scores higher than a glomerulus: 0.5 means the net
-cannot tell them apart, and 1.0 means some threshold separates every pair. The centred patch is the
+the same question without a class to ask it with. The AUC is the chance that a decoy scores higher
+than a glomerulus: 0.5 means the net cannot tell them apart, and 1.0 means some threshold separates every pair. The centred patch is the
 most context the net ever gets, more than a tile at the slide's edge.
 
     python benchmarks/decoy_probability.py --checkpoint RUN/model.pt --slides DIR [--out FILE.json]

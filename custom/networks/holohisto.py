@@ -12,8 +12,9 @@ Ablations (paper Table 3, plus the prototype's lesson that skips carry most of t
 `token_path` "tokenizer" | "linear" (a strided patch projection replaces the quantized tokens) | "none"
 (the head sees the encoder skips only); `attention` "linear" (ReLU LiteMLA) | "softmax" (MHSA);
 `skip_strides` () removes the skips; `context_branch` "orientation" adds the fixed texture-orientation
-maps of orientation_context.py to the head's token-grid input (the design change of issue 15). Modules a variant never runs are frozen, so DDP (which rejects
-parameters that get no gradient) and optimisers see only live ones.
+maps of orientation_context.py to the head's token-grid input (the design change of issue 15).
+Modules a variant never runs are frozen, so DDP (which rejects parameters that get no gradient) and
+optimisers see only live ones.
 
 The net is built from a `HoloHistoConfig` (config.py; named sizes in presets.py, builders in build.py).
 Training memory is a switch, as in timm: `set_grad_checkpointing()` recomputes the tokenizer's window

@@ -8,8 +8,8 @@ stage builds the field-wide statistic. This branch cannot be retuned: it has no 
 learns only how to use its maps (`SegmentationHead`'s `context_proj`).
 
 For B x 3 x H x W pixels on the net's [-1, 1] scale (H, W multiples of `cell_px`):
-    grey, 2 x 2-averaged -> Gaussian-derivative gradients (sigma `gradient_sigma_px`) -> structure tensor summed per
-    cell (`cell_px`, the token stride) -> summed again over `vector_cells` x `vector_cells` cells (one
+    grey, 2 x 2-averaged -> Gaussian-derivative gradients (sigma `gradient_sigma_px`) -> structure
+    tensor summed per cell (`cell_px`, the token stride) -> summed again over `vector_cells` x `vector_cells` cells (one
     orientation per ~tubule) -> doubled-angle vector times coherence, per cell
     -> for each field of F x F cells: R_F = |mean vector| / mean coherence (1: one orientation over
        the whole field; lower where it turns), over tissue only, clipped to the patch
@@ -110,5 +110,6 @@ class OrientationContext(nn.Module):
             # On a log scale of the turning left (1 - R), medulla (R ~0.93) and cortex (R ~0.75) sit
             # ~1.2 apart, a step the head's unnormalised projection can weigh at its initial scale.
             out.append(torch.log(1 + TURNING_FLOOR - uniformity.clamp(0, 1)))
-        out.append(w / side**2)
+        largest = self.field_cells[-1]  # the loop's last field: its tissue share tells how much context
+        out.append(w / largest**2)
         return torch.stack(out, 1).to(x.dtype)
