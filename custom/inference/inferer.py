@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,7 +64,8 @@ class WholeSlideInferer(Inferer):
         smooth: 3 x 3 majority smoothing of two-class labels (outlines without one-pixel spurs).
         amp: run the network under bfloat16 autocast.
         work_dir: where the compressed cells spill (an unlinked temporary file per store).
-        workers: cell workers (default: cores - 1).
+        workers: cell workers (default: cores - 1 while the network runs, every core for the cleanup
+            after it).
     """
 
     def __init__(
@@ -91,6 +93,8 @@ class WholeSlideInferer(Inferer):
         self.smooth, self.amp = smooth, amp
         self.work_dir, self.buffer_size, self.device = work_dir, buffer_size, device
         self.workers = workers or default_workers()
+        # the cleanup runs after the last tile, when the network's core is free too
+        self.cleanup_workers = workers or os.cpu_count() or 1
 
     def __call__(self, inputs, network, *args, **kwargs) -> StitchResult:
         start = time.perf_counter()
@@ -166,7 +170,7 @@ class WholeSlideInferer(Inferer):
             changes = components.changes(*cell, local, drop, fill)
             labels.put(*cell, apply_changes(values, lf, lb, *changes, components.max_hole_px))
 
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="cleanup") as pool:
+        with ThreadPoolExecutor(self.cleanup_workers, thread_name_prefix="cleanup") as pool:
             list(pool.map(clean, plan.cells))
         return components.objects(drop)
 

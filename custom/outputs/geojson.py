@@ -46,7 +46,8 @@ def trace(mask: np.ndarray, offset: tuple[int, int], downsample: float) -> tuple
     `mask` is the component in a crop whose top-left is `offset` (y, x) on a level with `downsample`
     level-0 pixels per pixel.
     """
-    fine = np.kron(well_composed(mask), np.ones((2, 2), bool)).astype(np.uint8)
+    # each pixel as 2 x 2 (np.kron does the same ~12x slower: 5 ms for a 400-px object)
+    fine = well_composed(mask).view(np.uint8).repeat(2, axis=0).repeat(2, axis=1)
     contours, hierarchy = cv2.findContours(fine, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return [], 0.0
