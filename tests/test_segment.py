@@ -63,6 +63,19 @@ class ZeroPaddedContext(torch.nn.Module):
         return torch.cat([1 - fg, fg], dim=1) * 10 + self.anchor
 
 
+class GlassInView(torch.nn.Module):
+    """A net that reads context only: every pixel is class 1 when the whole tile is stained, 0 when any of it is glass."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        stained = (x[:, :1] < STAINED_BELOW).flatten(1).all(dim=1).float()[:, None, None, None]
+        fg = stained.expand(-1, 1, *x.shape[2:])
+        return torch.cat([1 - fg, fg], dim=1) * 10 + self.anchor
+
+
 class TruthLookup:
     """A perfect network for one slide: maps each tile's pixels to the ground truth under them."""
 
@@ -155,6 +168,35 @@ def test_stitching_is_exact_at_every_level_with_and_without_overlap(
     mask = open_mask(outcomes[0].outputs["pred"])
     assert mask.level_shapes[0] == tuple(plan.slide.level_shapes[0])
     assert np.array_equal(mask.read_level(0), expected_labels(plan.slide, level, plan))  # no seam, no shift
+
+
+def test_tiles_on_the_slide_edge_read_the_slide_not_glass_padding(tmp_path):
+    """Stained to every edge: the last tiles are shifted inside the slide, so no tile sees padding.
+
+    With tiles centred on their cells, the edge tiles' margins ran past the slide into white glass
+    padding and a context-reading net answered differently there. A level shorter than a tile still pads.
+    """
+    rgb = np.full((900, 1300, 3), (200, 120, 180), np.uint8)
+    path = tmp_path / "stained_wsi.tiff"
+    write_pyramid(
+        path,
+        [rgb.shape[:2]],
+        lambda lv, y, x, h, w: rgb[y : y + h, x : x + w],
+        channels=3,
+        mpp=0.5,
+        compression="lzw",
+    )
+    tissue = {"threshold": 0.1}  # one stain everywhere: Otsu has no two classes to split
+    splitter = TissueTileSplitter(patch_size=256, overlap=64, level=0, tissue=tissue, progress=False)
+    plan = splitter.plan(path)
+    origins = np.array(plan.locations)
+    assert origins.min() == 0 and origins[:, 0].max() == 900 - 256 and origins[:, 1].max() == 1300 - 256
+    plan.slide.close()
+    segment_batch(path, tmp_path / "out", GlassInView(), exact(splitter), progress=False)
+    assert open_mask(output_paths(tmp_path / "out", path)["pred"]).read_level(0).all()
+    short = TissueTileSplitter(patch_size=1024, overlap=64, level=0, tissue=tissue, progress=False)
+    segment_batch(path, tmp_path / "short", GlassInView(), exact(short), progress=False)
+    assert not open_mask(output_paths(tmp_path / "short", path)["pred"]).read_level(0).any()
 
 
 def test_segment_writes_a_pyramidal_mask_geojson_tables_and_overlay_that_other_tools_open(

@@ -215,6 +215,25 @@ def test_stitcher_reproduces_the_label_map_exactly(overlap, blend):
         store.close()
 
 
+def test_tiles_are_shifted_inside_the_level_and_two_cells_may_share_one():
+    grid = CellGrid.for_tiles((64, 300), (64, 64), 24)  # one tile high: both cell rows share it
+    assert grid.tile_origin(0, 0) == grid.tile_origin(1, 0) == (0, 0)
+    assert grid.cell_offset(0, 0) == (0, 0) and grid.cell_offset(1, 0) == (40, 0)
+    assert grid.tile_origin(0, 3) == (0, 108) and grid.cell_offset(0, 3) == (0, 12)  # inside: centred
+    assert grid.tile_origin(0, grid.cols - 1) == (0, 300 - 64)  # the last tile ends at the edge
+    short = CellGrid.for_tiles((50, 300), (64, 64), 24)  # a level shorter than a tile pads as before
+    assert short.tile_origin(0, 3) == (-12, 108)
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 64, 300)).astype(np.float32)
+    for blend in ("crop", "gaussian"):
+        store, _, stats, grid = _stitch(logits, 64, 24, blend)
+        try:
+            assert stats["tiles"] == grid.rows * grid.cols == 16
+            assert np.array_equal(store.read(0, 64, 0, 300), logits.argmax(0))
+        finally:
+            store.close()
+
+
 def test_cells_never_inferred_stay_background():
     probs = np.zeros((2, 100, 100), np.float32)
     probs[1] = 1.0  # everything foreground

@@ -20,6 +20,7 @@ import os
 import queue
 import threading
 import time
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -74,6 +75,11 @@ class Stitcher:
         self.blend, self.smooth = blend, smooth
         self.probability, self.probability_factor = probability, int(probability_factor)
         self.planned = set(cells)
+        # tile origin -> its cells, in the order the splitter reads them: at a small level's edge two
+        # cells can share one shifted tile
+        self._cells_at: dict[tuple[int, int], deque] = defaultdict(deque)
+        for cell in cells:
+            self._cells_at[grid.tile_origin(*cell)].append(cell)
         self.weights = None
         if blend != "crop":
             self.weights = compute_importance_map(grid.tile_size, mode=blend, sigma_scale=sigma_scale).numpy()
@@ -97,7 +103,11 @@ class Stitcher:
     def submit(self, values: torch.Tensor, location: Sequence[int]) -> None:
         """Queue one tile output: (1, C, h, w) probabilities or (1, 1, h, w) integer labels."""
         self._raise()
-        self._queue.put((values.detach().cpu().numpy()[0], self.grid.cell_of(location)))
+        origin = (int(location[0]), int(location[1]))
+        cells = self._cells_at.get(origin)
+        if not cells:
+            raise ValueError(f"no planned tile starts at {origin}, or it came twice")
+        self._queue.put((values.detach().cpu().numpy()[0], cells.popleft()))
 
     def finish(self) -> dict:
         """Wait for every cell to be stored; flush blended cells whose tiles never came."""
@@ -148,17 +158,25 @@ class Stitcher:
 
     def _crop(self, values: np.ndarray, cell: tuple[int, int]) -> None:
         i, j = cell
-        my, mx = self.grid.margin
         y0, y1, x0, x1 = self.grid.cell_box(i, j)
         h, w = y1 - y0, x1 - x0
-        hy, hx = min(1, my), min(1, mx)  # a one-pixel halo for the smoothing, where the tile has it
-        window = (slice(my - hy, my + h + hy), slice(mx - hx, mx + w + hx))
+        oy, ox = self.grid.cell_offset(i, j)
+        th, tw = values.shape[-2:]
+        hy, hx = (min(1, m) for m in self.grid.margin)  # a one-pixel halo for the smoothing (overlap > 0)
+        # the halo the tile has on each side: none where a tile shifted inside the slide ends at its edge
+        top, bottom = min(hy, oy), min(hy, th - oy - h)
+        left, right = min(hx, ox), min(hx, tw - ox - w)
+        window = (slice(oy - top, oy + h + bottom), slice(ox - left, ox + w + right))
+        pad = ((hy - top, hy - bottom), (hx - left, hx - right))
         probs = None
         if values.shape[0] == 1:
             labels = values[0][window].astype(np.uint8)
         else:
             probs = values[(slice(None), *window)]
             labels = channel_argmax(probs)
+        if any(any(p) for p in pad):
+            labels = np.pad(labels, pad, mode="edge")
+            probs = None if probs is None else np.pad(probs, ((0, 0), *pad), mode="edge")
         # past the slide's edge the halo saw glass padding: smooth the edge as if the slide went on
         H, W = self.grid.shape
         if hy and y0 == 0:
