@@ -23,7 +23,7 @@ import importlib.machinery
 import os
 import sys
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 
 
 @contextlib.contextmanager
