@@ -195,8 +195,7 @@ def _stitch(truth, tile, overlap, blend, skip=(), smooth=False):
     m = grid.margin[0]
     padded = np.zeros((truth.shape[0], truth.shape[1] + 2 * tile, truth.shape[2] + 2 * tile), np.float32)
     padded[:, m : m + truth.shape[1], m : m + truth.shape[2]] = truth
-    for i, j in cells:
-        y, x = grid.tile_origin(i, j)
+    for y, x in dict.fromkeys(grid.tile_origin(i, j) for i, j in cells):  # a shared tile comes once
         stitcher.submit(torch.from_numpy(padded[None, :, y + m : y + m + tile, x + m : x + m + tile]), (y, x))
     stats = stitcher.finish()
     return store, comps, stats, grid

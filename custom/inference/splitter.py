@@ -115,12 +115,13 @@ class TilePlan:
 
     @property
     def locations(self) -> list[tuple[int, int]]:
-        """Top-left (y, x) of every inferred tile at the level, in reading order."""
-        return [self.grid.tile_origin(i, j) for i, j in self.cells]
+        """Top-left (y, x) of every inferred tile at the level, in reading order, each once: cells
+        that share a shifted tile (a level under two strides long) share its read and its pass."""
+        return list(dict.fromkeys(self.grid.tile_origin(i, j) for i, j in self.cells))
 
     @property
     def tissue_tiles(self) -> int:
-        return len(self.cells)
+        return len(self.locations)
 
     @property
     def grid_tiles(self) -> int:

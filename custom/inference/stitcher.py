@@ -20,7 +20,7 @@ import os
 import queue
 import threading
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -75,9 +75,8 @@ class Stitcher:
         self.blend, self.smooth = blend, smooth
         self.probability, self.probability_factor = probability, int(probability_factor)
         self.planned = set(cells)
-        # tile origin -> its cells, in the order the splitter reads them: at a small level's edge two
-        # cells can share one shifted tile
-        self._cells_at: dict[tuple[int, int], deque] = defaultdict(deque)
+        # tile origin -> the cells it decides: on a level under two strides long, two cells share one shifted tile
+        self._cells_at: dict[tuple[int, int], list] = defaultdict(list)
         for cell in cells:
             self._cells_at[grid.tile_origin(*cell)].append(cell)
         self.weights = None
@@ -101,13 +100,16 @@ class Stitcher:
     # ---- producer side (the network's thread) ------------------------------------------------
 
     def submit(self, values: torch.Tensor, location: Sequence[int]) -> None:
-        """Queue one tile output: (1, C, h, w) probabilities or (1, 1, h, w) integer labels."""
+        """Queue one tile output, (1, C, h, w) probabilities or (1, 1, h, w) integer labels, for every
+        planned cell the tile at `location` decides."""
         self._raise()
         origin = (int(location[0]), int(location[1]))
-        cells = self._cells_at.get(origin)
+        cells = self._cells_at.pop(origin, None)
         if not cells:
             raise ValueError(f"no planned tile starts at {origin}, or it came twice")
-        self._queue.put((values.detach().cpu().numpy()[0], cells.popleft()))
+        values = values.detach().cpu().numpy()[0]
+        for cell in cells:
+            self._queue.put((values, cell))
 
     def finish(self) -> dict:
         """Wait for every cell to be stored; flush blended cells whose tiles never came."""
