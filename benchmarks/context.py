@@ -31,6 +31,12 @@ of a 4096-px patch at level 1, affordable on a 2-core CPU. Rows, one switch each
                        uniform the texture's orientation is over 256 um - 2 mm, clipped to the patch,
                        enter the head at the token grid. The issue-15 design change: context_probe.py
                        found that training retunes the early filters that carry the tell
+    large_context_progressive
+                       large_context_orientation trained in two halves of the budget: 512-px tiles
+                       first (tiles_512_orientation's patch, batch and step time), then 2048 px from
+                       the best 512-px checkpoint. Why: at 2048 px the net gets a third of the 512-px
+                       row's optimizer steps, and it loses its Dice on outlines drawn too wide and
+                       on false calls away from the decoys, not on the decoys themselves
 
 Equal budget, stated: every row gets the same wall-clock time of optimizer steps (--budget_s).
 A probe (a short training run per row, once) measures the row's seconds per step from the
@@ -87,6 +93,10 @@ class Row:
     batch: int
     partner: str  # the row it differs from by one switch
     decoy_class: bool = False  # trains on masks that mark the decoys 2 (slides/train_decoy_class)
+    # Trains this row (patch, batch, override) for the first half of the budget and epochs, then this
+    # row fine-tunes its best checkpoint for the second half.
+    warm_start: str | None = None
+    probe: str | None = None  # the row whose step-time probe it shares (the same net, patch and batch)
 
 
 ROWS = {
@@ -109,6 +119,9 @@ ROWS = {
         Row("large_context_orientation", "context_orientation.json", "large context, orientation branch", 2048, 1,
             "tiles_512_orientation"),
         Row("tiles_512_orientation", "context_orientation.json", "512 tiles, orientation branch", 512, 4, REFERENCE),
+        Row("large_context_progressive", "context_orientation.json", "large context after 512 tiles, orientation",
+            2048, 1, "large_context_orientation", warm_start="tiles_512_orientation",
+            probe="large_context_orientation"),
     )
 }  # fmt: skip
 
@@ -201,12 +214,31 @@ def row_spec(row: Row, settings: dict) -> dict:
     """What a row's result depends on, before the probe: a stored result is reused only if it matches."""
     keys = ("train", "test", "test_seed", "budget_s", "epochs", "val_megapixels", "probe_steps", "mpp")
     side = min(row.side_px, settings["max_side"] or row.side_px)
-    return {"config": row.config, "side_px": side, "batch": row.batch, **{k: settings[k] for k in keys}}
+    spec = {"config": row.config, "side_px": side, "batch": row.batch, **{k: settings[k] for k in keys}}
+    return spec | ({"warm_start": row.warm_start} if row.warm_start else {})
 
 
-def override(out: Path, name: str, row: Row, spec: dict, per_epoch: int, val: int, log_every=20) -> Path:
+def phases(row: Row, settings: dict) -> list[tuple[Row, float, int]]:
+    """(row whose patch, batch and override train, seconds of steps, epochs) per training phase."""
+    if not row.warm_start:
+        return [(row, settings["budget_s"], settings["epochs"])]
+    epochs = max(1, settings["epochs"] // 2)
+    return [(ROWS[row.warm_start], settings["budget_s"] / 2, epochs), (row, settings["budget_s"] / 2, epochs)]
+
+
+def override(
+    out: Path,
+    name: str,
+    row: Row,
+    spec: dict,
+    per_epoch: int,
+    val: int,
+    log_every=20,
+    extra: dict | None = None,
+) -> Path:
     """OUT/configs/<name>.json: the row's override plus its magnification, patch size and steps."""
     content = json.loads((CONFIGS / row.config).read_text()) if row.config else {}
+    content |= extra or {}
     content |= {
         "patch_size": [spec["side_px"], spec["side_px"]],
         "patch_mpp": spec["mpp"],
@@ -225,6 +257,8 @@ def override(out: Path, name: str, row: Row, spec: dict, per_epoch: int, val: in
 
 def step_seconds(log: Log, out: Path, row: Row, spec: dict) -> float:
     """Median seconds per optimizer step of a short training run, once per row (start-up left out)."""
+    if row.probe:
+        row, spec = ROWS[row.probe], {k: v for k, v in spec.items() if k != "warm_start"}
     cached = out / "probes" / f"{row.key}.json"
     if cached.exists() and (stored := json.loads(cached.read_text()))["spec"] == spec:
         return stored["step_s"]
@@ -256,14 +290,23 @@ def run_row(log: Log, out: Path, row: Row, seed: int, settings: dict) -> dict:
     result_path = out / "runs" / row.key / f"seed{seed}" / "result.json"
     if result_path.exists() and (stored := json.loads(result_path.read_text()))["spec"] == spec:
         return stored["entry"]
-    step_s = step_seconds(log, out, row, spec)
-    steps = max(1, round(spec["budget_s"] / step_s))
-    epochs = min(spec["epochs"], steps)
-    per_epoch = max(1, round(steps / epochs))
-    val_patches = max(1, round(spec["val_megapixels"] * 1e6 / spec["side_px"] ** 2))  # equal pixels
     run_dir = out / "runs" / row.key / f"seed{seed}"
-    config = override(out, f"{row.key}_seed{seed}", row, spec, per_epoch, val_patches)
-    train_s, train_cmd = train(log, train_slides(out, row.decoy_class), run_dir, config, epochs, seed)
+    train_s, step_s, steps, commands, warm = 0.0, [], [], [], None
+    for phase, (trained, budget_s, max_epochs) in enumerate(phases(row, settings)):
+        phase_spec = row_spec(trained, settings)
+        step_s.append(step_seconds(log, out, trained, phase_spec))
+        phase_steps = max(1, round(budget_s / step_s[-1]))
+        epochs = min(max_epochs, phase_steps)
+        per_epoch = max(1, round(phase_steps / epochs))
+        steps.append(f"{per_epoch * epochs} x {trained.batch}")
+        val_patches = max(1, round(spec["val_megapixels"] * 1e6 / phase_spec["side_px"] ** 2))  # equal pixels
+        name = f"{row.key}_seed{seed}" + (f"_phase{phase}" if row.warm_start else "")
+        config = override(out, name, trained, phase_spec, per_epoch, val_patches, extra=warm)
+        phase_dir = run_dir / f"phase{phase}" if trained is not row else run_dir
+        phase_s, command = train(log, train_slides(out, row.decoy_class), phase_dir, config, epochs, seed)
+        train_s += phase_s
+        commands.append(command)
+        warm = {"finetune_from": str(phase_dir / "model.pt")}
     val = validation_by_epoch(_log_text(run_dir))
     val_dice = val.pop("val_mean_dice", [])
     segment_s, evaluate_s, slides = score(log, out, f"{row.key}/seed{seed}", run_dir / "model.pt")
@@ -271,11 +314,13 @@ def run_row(log: Log, out: Path, row: Row, seed: int, settings: dict) -> dict:
         "row": row.key, "seed": seed, "side_px": spec["side_px"], "mpp": spec["mpp"],
         "level": round(math.log2(spec["mpp"] / MPP_DEFAULT)), "context_um": spec["side_px"] * spec["mpp"],
         **pooled(slides),
-        "train_s": train_s, "step_s": step_s, "steps": per_epoch * epochs, "epochs": epochs, "batch": row.batch,
+        "train_s": train_s, "step_s": step_s[-1], "steps": per_epoch * epochs, "epochs": epochs, "batch": row.batch,
+        "steps_x_batch": " + ".join(steps),  # per phase
+        **({"warm_start": row.warm_start, "warm_step_s": step_s[0]} if row.warm_start else {}),
         "val_patches": val_patches, "val_dice_by_epoch": val_dice, "val_class_dice_by_epoch": val,
         "best_val_dice": max(val_dice, default=None),
         "best_val_epoch": val_dice.index(max(val_dice)) + 1 if val_dice else None,
-        "segment_s": segment_s, "evaluate_s": evaluate_s, "train_cmd": train_cmd, "slides": slides,
+        "segment_s": segment_s, "evaluate_s": evaluate_s, "train_cmd": " && ".join(commands), "slides": slides,
     }  # fmt: skip
     stored = json.dumps({"spec": spec, "entry": entry}, indent=1)
     write_atomic(result_path, lambda tmp: tmp.write_text(stored))
@@ -392,7 +437,10 @@ def report(result: dict) -> str:
         cells.append(f"{e0['context_um']:g}")
         figures = ("wsi_dice", "object_f1", "decoy_rejection", "glomerulus_recall")
         cells += [_mean_sd([e[k] for e in entries]) for k in figures]
-        cells += [_mean_sd([e["train_s"] for e in entries], ".0f"), f"{e0['steps']} x {e0['batch']}"]
+        cells += [
+            _mean_sd([e["train_s"] for e in entries], ".0f"),
+            e0.get("steps_x_batch", f"{e0['steps']} x {e0['batch']}"),
+        ]
         cells.append(", ".join(f"{e['best_val_epoch']}/{e['epochs']}" for e in entries))  # last: no plateau
         lines.append("| " + " | ".join(cells) + " |")
     lines += [

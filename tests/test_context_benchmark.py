@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,18 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_context_smoke_writes_both_quick_rows(tmp_path):
+def test_context_smoke_writes_both_quick_rows_and_a_warm_started_row(tmp_path):
+    rows = "large_context,tiles_512,large_context_progressive"
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "context.py"), "--smoke", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "context.py"),
+            "--smoke",
+            "--out",
+            str(tmp_path),
+            "--rows",
+            rows,
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -24,9 +34,9 @@ def test_context_smoke_writes_both_quick_rows(tmp_path):
     result = json.loads((tmp_path / "context.json").read_text())
 
     entries = {(e["row"], e["seed"]): e for e in result["rows"]}
-    assert set(entries) == {("large_context", 0), ("tiles_512", 0)}
-    # Smoke caps the large context at 1024 px; both rows read level 2 (1.0 um/px) of 0.25 um/px slides.
-    expected_um = {"large_context": 1024.0, "tiles_512": 512.0}
+    assert set(entries) == {("large_context", 0), ("tiles_512", 0), ("large_context_progressive", 0)}
+    # Smoke caps the large context at 1024 px; every row reads level 2 (1.0 um/px) of 0.25 um/px slides.
+    expected_um = {"large_context": 1024.0, "tiles_512": 512.0, "large_context_progressive": 1024.0}
     for (row, _), entry in entries.items():
         assert (entry["mpp"], entry["level"]) == (1.0, 2)
         assert entry["context_um"] == entry["side_px"] * entry["mpp"] == expected_um[row]
@@ -41,12 +51,32 @@ def test_context_smoke_writes_both_quick_rows(tmp_path):
     called = sum(s["decoys_called_glomerulus"] for s in e["slides"].values())
     assert e["decoy_rejection"] == 1 - called / e["decoys"]
 
-    (comparison,) = result["wilcoxon"]
+    comparison = result["wilcoxon"][0]
     assert (comparison["row"], comparison["against"], comparison["n_pairs"]) == (
         "large_context",
         "tiles_512",
         2,
     )
+    # The warm-started row trains 512-px tiles for half the budget, then fine-tunes that run's best
+    # checkpoint at its own patch size: two commands, the second loading the first's model.pt.
+    warm = entries["large_context_progressive", 0]
+    first, _ = warm["train_cmd"].split(" && ")
+    phase0 = tmp_path / "runs" / "large_context_progressive" / "seed0" / "phase0"
+    assert f"--out {phase0} " in first and (phase0 / "model.pt").is_file()
+    configs = [json.loads((tmp_path / "configs" / f"large_context_progressive_seed0_phase{i}.json").read_text())
+               for i in (0, 1)]  # fmt: skip
+    assert (configs[0]["patch_size"], configs[0]["batch_size"]) == ([512, 512], 4)
+    assert (configs[1]["patch_size"], configs[1]["batch_size"]) == ([1024, 1024], 1)
+    assert configs[1]["finetune_from"] == str(phase0 / "model.pt") and "finetune_from" not in configs[0]
+    assert (
+        configs[0]["network_config#context_branch"]
+        == configs[1]["network_config#context_branch"]
+        == "orientation"
+    )
+    assert re.fullmatch(r"\d+ x 4 \+ \d+ x 1", warm["steps_x_batch"]) and warm["warm_step_s"] > 0
+    assert ("large_context_progressive", "tiles_512") in {
+        (c["row"], c["against"]) for c in result["wilcoxon"]
+    }
     assert result["settings"]["mode"] == "smoke" and "equal wall clock" in result["settings"]["budget"]
     assert "| HoloHisto tiny, large context (`large_context`) | 1024 @ 1 (2) | 1024 |" in done.stdout
     assert "`large_context` vs `tiles_512`: 2 pairs" in done.stdout
