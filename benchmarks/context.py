@@ -214,8 +214,7 @@ def row_spec(row: Row, settings: dict) -> dict:
     """What a row's result depends on, before the probe: a stored result is reused only if it matches."""
     keys = ("train", "test", "test_seed", "budget_s", "epochs", "val_megapixels", "probe_steps", "mpp")
     side = min(row.side_px, settings["max_side"] or row.side_px)
-    spec = {"config": row.config, "side_px": side, "batch": row.batch, **{k: settings[k] for k in keys}}
-    return spec | ({"warm_start": row.warm_start} if row.warm_start else {})
+    return {"config": row.config, "side_px": side, "batch": row.batch, **{k: settings[k] for k in keys}}
 
 
 def phases(row: Row, settings: dict) -> list[tuple[Row, float, int]]:
@@ -257,8 +256,7 @@ def override(
 
 def step_seconds(log: Log, out: Path, row: Row, spec: dict) -> float:
     """Median seconds per optimizer step of a short training run, once per row (start-up left out)."""
-    if row.probe:
-        row, spec = ROWS[row.probe], {k: v for k, v in spec.items() if k != "warm_start"}
+    row = ROWS[row.probe] if row.probe else row  # the same net, patch and batch: the same spec
     cached = out / "probes" / f"{row.key}.json"
     if cached.exists() and (stored := json.loads(cached.read_text()))["spec"] == spec:
         return stored["step_s"]
@@ -286,7 +284,7 @@ def train(log: Log, slides: Path, run_dir: Path, config: Path, epochs: int, seed
 
 def run_row(log: Log, out: Path, row: Row, seed: int, settings: dict) -> dict:
     """Probe, train for the row's share of the budget, segment and score the held-out slides."""
-    spec = row_spec(row, settings)
+    spec = row_spec(row, settings) | ({"warm_start": row.warm_start} if row.warm_start else {})
     result_path = out / "runs" / row.key / f"seed{seed}" / "result.json"
     if result_path.exists() and (stored := json.loads(result_path.read_text()))["spec"] == spec:
         return stored["entry"]
