@@ -41,6 +41,7 @@ def synth(
     neptune: bool = False,
     roi_px: int = 3000,
     decoy_value: int = 0,
+    stain_seed: int | None = None,
 ):
     """Write synthetic kidney slides: <id>_wsi.tiff (pyramidal JPEG TIFF, 0.25 um/px) and <id>_mask.tiff.
 
@@ -61,6 +62,8 @@ def synth(
         roi_px: side of each NEPTUNE-style ROI in pixels.
         decoy_value: the decoys' mask value: 0 (background, as on real slides) or 2, a class of its own
             for training with a hard-negative class (`background_classes` in train.json).
+        stain_seed: give every slide the stain of slide `stain_seed` (same tissue, objects and mask),
+            to test whether a net fails on a stain rather than on the tissue.
     """
     if neptune:
         from custom.synth.neptune import write_neptune_rois
@@ -79,6 +82,7 @@ def synth(
         decoys=decoys,
         prefix=prefix,
         decoy_value=int(decoy_value),
+        stain_seed=None if stain_seed is None else int(stain_seed),
     ):
         print(result.summary())
 

@@ -281,6 +281,25 @@ def test_same_seed_gives_identical_pixels_and_another_seed_does_not(tmp_path):
     assert np.abs(mean_a - mean_c).max() > 2
 
 
+def test_stain_seed_changes_the_stain_and_nothing_else(tmp_path):
+    own = _write(tmp_path / "own", width=2048, height=1536, seed=7)
+    restained = _write(tmp_path / "restained", width=2048, height=1536, seed=7, stain_seed=8)
+    donor = _write(tmp_path / "donor", width=2048, height=1536, seed=8)
+    for level in range(len(own.level_shapes)):
+        np.testing.assert_array_equal(_level(own.mask_path, level), _level(restained.mask_path, level))
+    sidecars = [_sidecar(r) for r in (own, restained)]
+    assert sidecars[0]["objects"] == sidecars[1]["objects"]
+    assert (sidecars[0]["stain_seed"], sidecars[1]["stain_seed"]) == (7, 8)
+    # Same tissue, another colour: the restained slide's tissue colour is the donor's, not its own.
+    rgb = {
+        name: _level(r.wsi_path, 1) for name, r in (("own", own), ("restained", restained), ("donor", donor))
+    }
+    tissue = {"own": _tissue(rgb["own"]), "restained": _tissue(rgb["own"]), "donor": _tissue(rgb["donor"])}
+    mean = {name: image[tissue[name]].mean(axis=0) for name, image in rgb.items()}
+    assert np.abs(mean["restained"] - mean["own"]).max() > 2
+    assert np.abs(mean["restained"] - mean["donor"]).max() < np.abs(mean["restained"] - mean["own"]).max() / 2
+
+
 def test_glomerulus_size_option_sets_the_diameters(tmp_path):
     result = _write(tmp_path, width=2048, height=2048, seed=4, glomerulus_um=(60.0, 100.0))
     diameters = [o["diameter_um"] for o in _sidecar(result)["objects"]]

@@ -72,10 +72,17 @@ def build_scene(
     mpp: float = MPP_DEFAULT,
     glomerulus_um: tuple[float, float] = (60.0, 250.0),
     decoys: bool = False,
+    stain_seed: int | None = None,
 ) -> Scene:
-    """All per-slide geometry for `seed`; the same arguments always give the same scene."""
+    """All per-slide geometry for `seed`; the same arguments always give the same scene.
+
+    `stain_seed` takes the stain of that seed's slide instead (the geometry stays `seed`'s): the same
+    tissue in another slide's stain, to tell a stain shift from anything else.
+    """
     rng = np.random.default_rng([seed & 0xFFFFFFFF, 0x6B1D])
-    stain = _stain(rng)
+    stain = _stain(rng)  # drawn whatever stain_seed is, so the geometry never depends on it
+    if stain_seed is not None:
+        stain = _stain(np.random.default_rng([stain_seed & 0xFFFFFFFF, 0x6B1D]))
     um = 1.0 / mpp  # level-0 px per micrometre
     # The section runs off the scanned area along one axis (so tissue meets two slide edges, where
     # edge glomeruli are planted) and has glass margins along the other.
@@ -98,6 +105,7 @@ def build_scene(
     medulla_offset = min(corners) + rng.uniform(0.5, 0.6) * (max(corners) - min(corners))
     scene = Scene(
         seed=seed,
+        stain_seed=seed if stain_seed is None else stain_seed,
         width=width,
         height=height,
         mpp=mpp,

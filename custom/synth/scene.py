@@ -120,6 +120,7 @@ class Scene:
     """Continuous geometry of one slide. Fields take level-0 coordinates (broadcastable arrays)."""
 
     seed: int
+    stain_seed: int  # the seed whose slide's stain this one takes (its own, unless asked otherwise)
     width: int
     height: int
     mpp: float

@@ -71,11 +71,13 @@ def write_synthetic_slides(
     mpp: float = MPP_DEFAULT,
     progress: bool = True,
     decoy_value: int = 0,
+    stain_seed: int | None = None,
 ) -> Iterator[SlideResult]:
     """Write `count` slides (slide i uses seed + i, id `<prefix>_<seed + i>`), yielding each as done.
 
     `decoy_value` is the decoys' value in the mask: 0 (background, the default) or 2, a class of
     their own for training with a hard-negative class (the slide's pixels are the same either way).
+    `stain_seed` gives every slide the stain of slide `stain_seed` (its geometry and mask unchanged).
     """
     _check_args(count, width, height, glomerulus_um, mpp)
     if decoy_value not in (0, 2):
@@ -100,6 +102,7 @@ def write_synthetic_slides(
             mpp,
             progress,
             decoy_value,
+            stain_seed,
         )
 
 
@@ -114,9 +117,12 @@ def write_synthetic_slide(
     mpp: float,
     progress: bool,
     decoy_value: int = 0,
+    stain_seed: int | None = None,
 ) -> SlideResult:
     started = time.perf_counter()
-    scene = build_scene(seed, width, height, mpp=mpp, glomerulus_um=tuple(glomerulus_um), decoys=decoys)
+    scene = build_scene(
+        seed, width, height, mpp=mpp, glomerulus_um=tuple(glomerulus_um), decoys=decoys, stain_seed=stain_seed
+    )
     shapes = pyramid_shapes(height, width)
     counts = _Level0Counter()
     wsi_path = out / f"{slide_id}_wsi.tiff"
@@ -194,6 +200,7 @@ def _write_sidecar(
     sidecar = {
         "slide_id": slide_id,
         "seed": scene.seed,
+        "stain_seed": scene.stain_seed,
         "width": scene.width,
         "height": scene.height,
         "mpp": scene.mpp,
