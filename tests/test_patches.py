@@ -8,10 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monai.transforms import Compose, MapTransform, RandomizableTransform
+from monai.utils import set_determinism
+from PIL import Image
 
 from custom.data import patches
 from custom.data.datalists import discover_kpis_slides
 from custom.data.patches import FixedTissuePatchDataset, RandomTissuePatchDataset, TilePatchDataset
+from custom.data.tiles import RandomTileCropDataset
 from custom.data.tissue import TissueCache
 from custom.wsi.reader import open_mask, open_slide
 
@@ -122,3 +126,44 @@ def test_tile_sampler_cuts_a_fixed_grid_over_tissue_and_validation_set_is_fixed(
     again = FixedTissuePatchDataset(items, patch_size=256, patch_level=1, count=5, seed=3)
     assert [d["location"] for d in val.data] == [d["location"] for d in again.data]
     assert torch.equal(val[0]["label"], again[0]["label"])
+
+
+class _RecordDraw(RandomizableTransform, MapTransform):
+    """Writes the random number it drew for each patch into the patch."""
+
+    def __init__(self, keys):
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob=1.0)
+
+    def __call__(self, data):
+        d = dict(data)
+        d["draw"] = float(self.R.rand())
+        return d
+
+
+def test_every_patch_draws_its_own_augmentation_from_a_seeded_compose(items, tmp_path):
+    """MONAI's bool(Compose) re-seeds its transforms; the readers must not truth-test their transform,
+    or every patch gets the same flips, intensity shifts and stains."""
+
+    def draws(dataset):
+        return [sample["draw"] for sample in _take(dataset, 8)]
+
+    set_determinism(seed=0)  # as train.json does, so that get_seed() is fixed
+    try:
+        slides = RandomTissuePatchDataset(
+            items,
+            patch_size=64,
+            patch_level=2,
+            samples_per_epoch=8,
+            transform=Compose([_RecordDraw("image")]),
+        )
+        tile = {"image": str(tmp_path / "tile.png"), "label": str(tmp_path / "tile_label.png")}
+        Image.fromarray(np.full((128, 128, 3), 200, np.uint8)).save(tile["image"])
+        Image.fromarray(np.eye(128, dtype=np.uint8)).save(tile["label"])
+        tiles = RandomTileCropDataset(
+            [tile], patch_size=64, samples_per_epoch=8, transform=Compose([_RecordDraw("image")])
+        )
+        for dataset in (slides, tiles):
+            assert len(set(draws(dataset))) == 8
+    finally:
+        set_determinism(seed=None)

@@ -60,6 +60,14 @@ def read_label_region(mask, slide, location: Sequence[int], size: Sequence[int],
     return big[rows][:, cols]
 
 
+def transformed(transform, sample: dict) -> dict:
+    """A read patch through the training transform, if there is one."""
+    # `is None`, never truth: bool(Compose) calls len(), which builds a flattened Compose that
+    # re-seeds every random transform from the global seed, so every patch drew the same flips,
+    # intensity shifts and stains (MONAI 1.6).
+    return sample if transform is None else apply_transform(transform, sample)
+
+
 class LabelledPatchWSIDataset(PatchWSIDataset):
     """MONAI's PatchWSIDataset whose label is the same region of the item's whole-slide mask.
 
@@ -98,7 +106,7 @@ class LabelledPatchWSIDataset(PatchWSIDataset):
             image, metadata = self._get_data(sample)
             image, label = MetaTensor(image, meta=metadata), self._get_label(sample)
         out = {"image": image, "label": label, "class": sample.get("class", "")}
-        return apply_transform(self.transform, out) if self.transform else out
+        return transformed(self.transform, out)
 
     def _transform(self, index: int):
         return self.read(self.data[index])

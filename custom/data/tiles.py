@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import apply_transform
 from PIL import Image, UnidentifiedImageError
 
 from custom.data.patches import (
@@ -25,6 +24,7 @@ from custom.data.patches import (
     RandomPatchStream,
     RandomTissuePatchDataset,
     draw_settings,
+    transformed,
 )
 from custom.data.scale import guessed_mpp
 from custom.errors import ConfigError
@@ -117,7 +117,7 @@ class TileCropReader:
             "label": torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8))[None],
             "class": item.get("class", ""),
         }
-        return apply_transform(self.transform, out) if self.transform else out
+        return transformed(self.transform, out)
 
 
 class RandomTileCropDataset(RandomPatchStream):
