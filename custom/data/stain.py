@@ -1,13 +1,13 @@
 """Stain augmentation for training patches: random stain strengths in optical density (HED jitter).
 
-Slides differ in how strongly each stain took, and a net trained on a few slides learns those
-strengths: on held-out synthetic slides whose stain lay outside its two training slides', a seed
-found no glomeruli at all, and the same slides re-rendered with a training slide's stain scored
-0.7-0.85 Dice (benchmarks/RESULTS.md). Scaling intensities per RGB channel, as MONAI's
-RandScaleIntensityd does, cannot mimic that: a stronger stain multiplies optical density, and only
-in the pixels that hold it. So each patch is separated into stain concentrations with a fixed
-matrix, each concentration is scaled and shifted at random, and the patch is put back together
-(Tellez et al., 2018). MONAI has stain normalisation (Macenko) but no stain augmentation.
+Slides differ in how strongly each stain took, and the nets here are colour-sensitive: checkpoints
+that found almost no glomeruli on held-out synthetic slides found them on the same slides
+re-rendered in a training slide's stain (`synth --stain_seed`, benchmarks/RESULTS.md). Scaling
+intensities per RGB channel, as MONAI's RandScaleIntensityd does, cannot mimic a stain that took
+harder: that multiplies optical density, and only in the pixels that hold the stain. So each patch
+is separated into stain concentrations with a fixed matrix, each concentration is scaled and
+shifted at random, and the patch is put back together (Tellez et al., 2018). MONAI has stain
+normalisation (Macenko) but no stain augmentation.
 """
 
 from __future__ import annotations
