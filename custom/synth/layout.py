@@ -35,6 +35,11 @@ from custom.synth.scene import (
 )
 
 
+def _slide_rng(seed: int) -> np.random.Generator:
+    """The random stream of slide `seed`; its first draws are the slide's stain."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, 0x6B1D])
+
+
 def _stain(rng: np.random.Generator) -> Stain:
     od_h = np.array([0.65, 0.70, 0.29]) + rng.uniform(-0.06, 0.06, 3)
     od_pas = np.array([0.22, 0.88, 0.42]) + rng.uniform(-0.08, 0.08, 3)
@@ -79,10 +84,10 @@ def build_scene(
     `stain_seed` takes the stain of that seed's slide instead (the geometry stays `seed`'s): the same
     tissue in another slide's stain, to tell a stain shift from anything else.
     """
-    rng = np.random.default_rng([seed & 0xFFFFFFFF, 0x6B1D])
+    rng = _slide_rng(seed)
     stain = _stain(rng)  # drawn whatever stain_seed is, so the geometry never depends on it
     if stain_seed is not None:
-        stain = _stain(np.random.default_rng([stain_seed & 0xFFFFFFFF, 0x6B1D]))
+        stain = _stain(_slide_rng(stain_seed))
     um = 1.0 / mpp  # level-0 px per micrometre
     # The section runs off the scanned area along one axis (so tissue meets two slide edges, where
     # edge glomeruli are planted) and has glass margins along the other.
